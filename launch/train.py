@@ -1,0 +1,12 @@
+"""Fine-tune a BERT-class classifier.
+
+    accelerate launch launch/train.py --freeze last2
+    python launch/train.py --task imdb --freeze none --epochs 2
+"""
+
+from toolkit.cli import launch
+from toolkit.config import TrainConfig
+from toolkit.train import main
+
+if __name__ == "__main__":
+    launch(main, TrainConfig, __doc__)

@@ -1,0 +1,30 @@
+"""Entry-point glue: parse the dataclass arguments, run, turn ToolkitError into exit 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from rich.console import Console
+
+from .config import parse_args
+from .errors import ToolkitError
+
+
+def run(main: Callable[[object], int], config_cls: type, description: str, argv: list[str] | None = None) -> int:
+    cfg = parse_args(config_cls, argv, description)
+    try:
+        return main(cfg)
+    except ToolkitError as err:
+        # Input errors are deterministic, so every rank hits the same one: print it once.
+        if os.environ.get("RANK", "0") == "0":
+            console = Console(stderr=True, highlight=False)
+            console.print(f"[bold red]error:[/bold red] {err.problem}", markup=True)
+            if err.fix:
+                console.print(f"[bold]fix:[/bold] {err.fix}")
+        return 2
+
+
+def launch(main: Callable[[object], int], config_cls: type, description: str) -> None:
+    sys.exit(run(main, config_cls, description))

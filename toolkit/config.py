@@ -1,0 +1,133 @@
+"""Typed run settings and the command line built from them.
+
+Every option lives in exactly one place: a dataclass field with its default and help
+text. `add_arguments` turns the fields into argparse flags, so the CLI, `config.json`
+and the code can never disagree about a name or a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, get_type_hints
+
+DEFAULT_MODEL = "bert-base-cased"
+
+
+def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class DataConfig:
+    task: str = _opt("imdb-subset", "preset: imdb, imdb-subset, amazon-subset, amazon (see README)")
+    data_dir: Optional[str] = _opt(None, "local folder with the preset's files (e.g. ../shared/data) instead of the Hub")
+    train_file: Optional[str] = _opt(None, "local train file (.parquet, .csv, .jsonl/.json); overrides the preset's source")
+    eval_file: Optional[str] = _opt(None, "local eval file; without it, --train-file is split by --eval-fraction")
+    eval_fraction: float = _opt(0.2, "share of --train-file held out for evaluation when no --eval-file is given")
+    text_column: Optional[str] = _opt(None, "text column; 'title,content' joins several (default: the preset's)")
+    label_column: str = _opt("label", "integer label column, values 0..num_labels-1")
+    num_labels: int = _opt(2, "number of classes")
+    train_samples: Optional[int] = _opt(None, "number of training examples (default: the preset's)")
+    eval_samples: Optional[int] = _opt(None, "number of evaluation examples (default: the preset's)")
+    max_length: Optional[int] = _opt(None, "truncate to this many tokens (default: the model's maximum)")
+    data_seed: int = _opt(42, "seed for subset sampling and splits (the seed recipe uses 42)")
+
+
+@dataclass
+class TrainConfig:
+    model: str = _opt(DEFAULT_MODEL, "Hub name or local folder of a pretrained encoder")
+    freeze: str = _opt("none", "none | lastN (e.g. last2: last N blocks + pooler + classifier) | head (classifier only)")
+    lr: float = _opt(2e-5, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(0.01, "AdamW weight decay (never applied to biases and LayerNorm)")
+    batch_size: int = _opt(16, "training batch size per device")
+    eval_batch_size: Optional[int] = _opt(None, "evaluation batch size per device (default: 2 x batch size)")
+    epochs: int = _opt(1, "training epochs")
+    max_steps: Optional[int] = _opt(None, "stop after this many optimizer steps (default: all epochs)")
+    grad_accum: int = _opt(1, "gradient accumulation steps")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 disables)")
+    warmup_ratio: float = _opt(0.0, "share of steps with linear warm-up")
+    mixed_precision: Optional[str] = _opt(None, "no | fp16 | bf16 (default: the accelerate config, else chosen for the device)")
+    seed: int = _opt(42, "seed for initialisation, dropout and data order")
+    cpu: bool = _opt(False, "run on CPU even if a GPU is visible (automatic when none is)")
+    output_dir: Optional[str] = _opt(None, "run folder (default: runs/<task>-<freeze>-<time>)")
+    resume_from: Optional[str] = _opt(None, "checkpoint folder, or 'auto' for the newest one in --output-dir")
+    checkpoint_every: int = _opt(0, "also checkpoint every N optimizer steps (0: only at the end of each epoch)")
+    keep_checkpoints: int = _opt(2, "how many step checkpoints to keep")
+    log_every: int = _opt(10, "log training metrics every N optimizer steps")
+    stop_file: Optional[str] = _opt(None, "if this file appears, checkpoint at the next step and exit 75 (for requeue)")
+    num_workers: int = _opt(0, "DataLoader worker processes")
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def resolve_output_dir(self) -> Path:
+        if self.output_dir is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.output_dir = f"runs/{self.data.task}-{self.freeze}-{stamp}"
+        return Path(self.output_dir)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EvalConfig:
+    model: str = _opt(None, "saved model folder (a run's model/ folder)", required=True)
+    eval_batch_size: int = _opt(32, "evaluation batch size per device")
+    mixed_precision: Optional[str] = _opt(None, "no | fp16 | bf16")
+    cpu: bool = _opt(False, "run on CPU even if a GPU is visible")
+    seed: int = _opt(42, "seed")
+    output_dir: Optional[str] = _opt(None, "where metrics.json and predictions.csv go (default: runs/eval-<task>-<time>)")
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def resolve_output_dir(self) -> Path:
+        if self.output_dir is None:
+            self.output_dir = f"runs/eval-{self.data.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return Path(self.output_dir)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            _add_fields(parser.add_argument_group(f.name), hints[f.name])
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        extra = {k: v for k, v in f.metadata.items() if k != "help"}
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+            continue
+        base = next((t for t in getattr(kind, "__args__", (kind,)) if t is not type(None)), str)
+        default = None if extra.get("required") else f.default
+        parser.add_argument(flag, type=base, default=default, help=f.metadata["help"], **extra)
+
+
+def _build(cls: type, values: dict) -> Any:
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], values)
+        else:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
+def parse_args(cls: type, argv: list[str] | None = None, description: str | None = None) -> Any:
+    parser = argparse.ArgumentParser(description=description)
+    _add_fields(parser, cls)
+    return _build(cls, vars(parser.parse_args(argv)))
+
+
+def save_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically: readers never see a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,163 @@
+"""The training loop (`fit`) and exact distributed evaluation (`validate`)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from .metrics import classification_metrics
+from .preemption import StopRequest
+from .reporting import Reporter
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint's progress.json."""
+
+    epoch: int = 0  # current epoch (0-based)
+    batches_done: int = 0  # batches this rank has consumed in the current epoch
+    global_step: int = 0  # optimizer steps taken
+    train_runtime_s: float = 0.0  # summed over restarts
+    samples_seen: int = 0  # training examples, all ranks
+    world_size: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    index: np.ndarray  # eval row positions, sorted
+    labels: np.ndarray
+    preds: np.ndarray
+
+
+@torch.no_grad()
+def validate(accelerator: Accelerator, model, loader, num_labels: int, num_examples: int) -> EvalResult:
+    """Every rank scores its share; row ids, labels, predictions and losses are gathered once.
+
+    Ranks can end with batches of different sizes (uneven last batch) and Accelerate
+    repeats a few batches so every rank runs the same number of forward passes (ZeRO-3
+    needs that). So results are padded to one length, gathered, and de-duplicated by
+    row id: each eval row is counted exactly once, whatever the number of processes.
+    """
+    model.eval()
+    start = time.perf_counter()
+    rows, losses = [], []
+    for batch in loader:
+        idx = batch.pop("idx")
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        losses.append(F.cross_entropy(logits, labels, reduction="none"))
+        rows.append(torch.stack([idx, labels, logits.argmax(dim=-1)], dim=1))
+    local_rows = torch.cat(rows) if rows else torch.empty(0, 3, dtype=torch.long, device=accelerator.device)
+    local_loss = torch.cat(losses) if losses else torch.empty(0, device=accelerator.device)
+    all_rows = accelerator.gather(accelerator.pad_across_processes(local_rows, dim=0, pad_index=-1)).cpu().numpy()
+    all_loss = accelerator.gather(accelerator.pad_across_processes(local_loss, dim=0, pad_index=-1)).cpu().numpy()
+    keep = all_rows[:, 0] >= 0
+    all_rows, all_loss = all_rows[keep], all_loss[keep]
+    index, first = np.unique(all_rows[:, 0], return_index=True)
+    if len(index) != num_examples:
+        raise RuntimeError(f"evaluation gathered {len(index)} distinct rows, expected {num_examples}")
+    runtime = time.perf_counter() - start
+    labels, preds = all_rows[first, 1], all_rows[first, 2]
+    metrics = classification_metrics(labels, preds, num_labels)
+    metrics.update(eval_loss=float(all_loss[first].mean()), eval_runtime_s=runtime,
+                   eval_samples_per_s=num_examples / runtime)
+    model.train()
+    return EvalResult(metrics, index, labels, preds)
+
+
+def _seed_for_step(seed: int, step: int, rank: int) -> None:
+    # Dropout masks become a function of (seed, step, rank), not of how many random
+    # numbers were drawn before: a run resumed mid-epoch replays exactly the same steps.
+    torch.manual_seed((seed * 1_000_003 + step * 7919 + rank) % (2**63))
+
+
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sampler, *, state: TrainState,
+        epochs: int, max_steps: int | None, max_grad_norm: float, seed: int, log_every: int,
+        checkpoint_every: int, reporter: Reporter, stop: StopRequest, evaluate, checkpoint) -> str:
+    """Train until the epochs or max_steps are done ("done") or a stop is requested ("preempted").
+
+    `evaluate(epoch)` runs after every epoch; `checkpoint(state)` saves a resumable
+    checkpoint. `sampler` is the EpochBatchSampler behind `train_loader`.
+    """
+    accum = accelerator.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(train_loader) / accum)
+    total_steps = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    window_loss, window_n, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+
+    clock = time.perf_counter()
+
+    def bank_time() -> None:  # training time only: evaluation and checkpoint saving are excluded
+        nonlocal clock
+        state.train_runtime_s += time.perf_counter() - clock
+
+    with reporter.progress(total_steps, completed=state.global_step) as bar:
+        while state.epoch < epochs and state.global_step < total_steps:
+            sampler.set_epoch(state.epoch)
+            loader = accelerator.skip_first_batches(train_loader, state.batches_done) if state.batches_done else train_loader
+            for batch in loader:
+                _seed_for_step(seed, state.global_step * accum + state.batches_done % accum, accelerator.process_index)
+                batch.pop("idx")
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(trainable, max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.batches_done += 1
+                samples = batch["labels"].shape[0] * accelerator.num_processes
+                state.samples_seen += samples
+                window_loss += loss.detach().float().item()
+                window_n += 1
+                window_samples += samples
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                state.global_step += 1
+                bar.update(1)
+                if state.global_step % log_every == 0 or state.global_step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    mean_loss = accelerator.reduce(torch.tensor([window_loss / window_n], device=accelerator.device),
+                                                   reduction="mean").item()
+                    entry = {"step": state.global_step, "epoch": round(state.epoch + state.batches_done / len(train_loader), 4),
+                             "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                             "samples_per_s": window_samples / elapsed}
+                    reporter.record(entry)
+                    bar.update(0, loss=mean_loss, lr=entry["lr"], **{"samples/s": entry["samples_per_s"]})
+                    window_loss, window_n, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+                if _any_rank(accelerator, stop.requested()):
+                    bank_time()
+                    reporter.print(f"[yellow]stop requested ({stop.reason()}): checkpointing at step {state.global_step}[/yellow]")
+                    checkpoint(state)
+                    return "preempted"
+                if checkpoint_every and state.global_step % checkpoint_every == 0:
+                    bank_time()
+                    checkpoint(state)
+                    clock = time.perf_counter()
+                if state.global_step >= total_steps:
+                    break
+            bank_time()
+            if state.batches_done >= len(train_loader):
+                state.epoch += 1
+                state.batches_done = 0
+                evaluate(state.epoch)
+                checkpoint(state)
+            clock = time.perf_counter()
+    return "done"

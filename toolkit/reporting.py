@@ -1,0 +1,75 @@
+"""What a run shows and records: rich tables and progress on rank 0, a JSONL log."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .freeze import FreezeSummary
+
+
+class Reporter:
+    """Prints only on the main process, so N ranks do not print N copies."""
+
+    def __init__(self, is_main: bool, log_path: Path | None = None):
+        self.is_main = is_main
+        self.console = Console(stderr=False, highlight=False)
+        self.log_path = log_path
+
+    def print(self, *objects) -> None:
+        if self.is_main:
+            self.console.print(*objects)
+
+    def record(self, entry: dict) -> None:
+        """Append one JSON line to metrics.jsonl (append mode: a resumed run keeps its history)."""
+        if self.is_main and self.log_path is not None:
+            with self.log_path.open("a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+
+    def freeze_table(self, summary: FreezeSummary) -> None:
+        table = Table(title=f"freeze policy: {summary.policy}")
+        table.add_column("parameter group")
+        table.add_column("trainable", justify="right")
+        table.add_column("total", justify="right")
+        table.add_column("share", justify="right")
+        for name, trainable, total in summary.groups:
+            style = "green" if trainable else "dim"
+            table.add_row(name, f"{trainable:,}", f"{total:,}", f"{trainable / total:.0%}" if total else "-", style=style)
+        table.add_row("all", f"{summary.trainable:,}", f"{summary.total:,}", f"{summary.share:.2%}", style="bold")
+        self.print(table)
+
+    def metrics_table(self, title: str, metrics: dict) -> None:
+        table = Table(title=title)
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in metrics.items():
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        self.print(table)
+
+    @contextmanager
+    def progress(self, total: int, completed: int = 0) -> Iterator["_Bar"]:
+        if not self.is_main:
+            yield _Bar(None, None)
+            return
+        columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=self.console, transient=False) as bar:
+            task = bar.add_task("train", total=total, completed=completed, info="")
+            yield _Bar(bar, task)
+
+
+class _Bar:
+    def __init__(self, bar: Progress | None, task):
+        self.bar, self.task = bar, task
+
+    def update(self, advance: int, **info: float) -> None:
+        if self.bar is None:
+            return
+        text = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
+        self.bar.update(self.task, advance=advance, info=text)

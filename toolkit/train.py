@@ -1,0 +1,187 @@
+"""Fine-tune a sequence classifier: setup() -> main() -> fit()/validate() -> outputs.
+
+Order matters and is visible here: data and model are validated and the freeze
+policy applied *before* `accelerator.prepare` wraps the model (DDP / DeepSpeed / FSDP
+read `requires_grad` at wrap time), and nothing is written until all inputs are known
+to be good.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
+from transformers import get_linear_schedule_with_warmup
+
+from . import checkpoint as ckpt
+from .cluster import detect, export_torch_distributed_env
+from .config import TrainConfig, save_json
+from .data import Collator, build_splits, get_preset, make_loader, resolve_max_length, tokenize
+from .errors import ToolkitError
+from .freeze import apply_freeze, parse_policy
+from .loop import EvalResult, TrainState, fit, validate
+from .model import build_optimizer, load_model, load_tokenizer
+from .precision import choose_mixed_precision, device_capability
+from .preemption import PREEMPTED_EXIT_CODE, StopRequest
+from .reporting import Reporter
+
+
+def setup(cpu: bool, mixed_precision: str | None, grad_accum: int = 1) -> Accelerator:
+    """The Accelerator for this process; the launcher (or SLURM, or nothing) decides the world."""
+    export_torch_distributed_env(detect())
+    cpu = cpu or not torch.cuda.is_available()
+    if mixed_precision is None and "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        mixed_precision = "auto"  # plain `python`: pick what the device does natively
+    if mixed_precision is not None:
+        mixed_precision = choose_mixed_precision(mixed_precision, None if cpu else device_capability())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        # The loop steps the scheduler once per optimizer step, so its length is simply the
+        # number of optimizer steps (Accelerate's default would step it once per process).
+        step_scheduler_with_optimizer=False,
+        # gloo: the only backend torch.distributed has on CPU, where DeepSpeed would otherwise ask for NCCL.
+        # (Only for a real group: a backend given to a single process makes Accelerate expect one.)
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu and launched > 1 else [],
+    )
+    if launched != accelerator.num_processes:
+        raise ToolkitError(
+            f"the launcher started {launched} processes but they formed a group of {accelerator.num_processes}",
+            "on CPU-only machines pass --cpu (or set ACCELERATE_USE_CPU=true) so the processes join one gloo group",
+        )
+    return accelerator
+
+
+def _shared_output_dir(accelerator: Accelerator, cfg) -> Path:
+    # The default name has a timestamp: take rank 0's so every rank writes to one folder.
+    names = [str(cfg.resolve_output_dir())]
+    broadcast_object_list(names, from_process=0)
+    cfg.output_dir = names[0]
+    return Path(names[0])
+
+
+def prepare_data(accelerator, cfg_data, tokenizer, model_max_positions, reporter, need_train=True):
+    """Splits, validated and tokenized; rank 0 first so the others read its cache."""
+    with accelerator.main_process_first():
+        train_ds, eval_ds = build_splits(cfg_data, log=reporter.print)
+        max_length = resolve_max_length(cfg_data.max_length, tokenizer, model_max_positions)
+        train_tok = tokenize(train_ds, tokenizer, max_length) if need_train else None
+        eval_tok = tokenize(eval_ds, tokenizer, max_length)
+    return train_tok, eval_tok, max_length
+
+
+def write_predictions(path: Path, result: EvalResult) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["index", "label", "prediction"])
+        writer.writerows(zip(result.index.tolist(), result.labels.tolist(), result.preds.tolist()))
+
+
+def main(cfg: TrainConfig) -> int:
+    parse_policy(cfg.freeze)  # fail on a typo before loading anything
+    accelerator = setup(cfg.cpu, cfg.mixed_precision, cfg.grad_accum)
+    reporter = Reporter(accelerator.is_main_process)
+    env = detect()
+    reporter.print(f"[bold]world[/bold] {accelerator.num_processes} process(es) on {accelerator.device}, "
+                   f"{accelerator.distributed_type}, mixed precision {accelerator.mixed_precision}; {env.describe()}")
+    set_seed(cfg.seed)
+
+    # ---- inputs: everything that can be wrong is checked here, before any output
+    preset = get_preset(cfg.data.task)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, cfg.data.num_labels, preset.label_names if not cfg.data.train_file else None)
+    summary = apply_freeze(model, cfg.freeze)
+    train_ds, eval_ds, max_length = prepare_data(accelerator, cfg.data, tokenizer,
+                                                 getattr(model.config, "max_position_embeddings", None), reporter)
+    reporter.print(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples, max length {max_length}")
+    reporter.freeze_table(summary)
+
+    out = _shared_output_dir(accelerator, cfg)
+    resume = ckpt.resolve_resume(cfg.resume_from, out)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").unlink(missing_ok=True)  # only a finished run has one
+        save_json(out / "config.json", {**cfg.to_dict(), "resolved": {
+            "max_length": max_length, "world_size": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision, "train_examples": len(train_ds),
+            "eval_examples": len(eval_ds), "distributed_type": str(accelerator.distributed_type)}})
+    reporter.log_path = out / "metrics.jsonl"
+
+    # ---- model, optimizer, data, schedule, all wrapped by Accelerate
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    pad_to = 8 if accelerator.device.type == "cuda" else None  # tensor cores like multiples of 8
+    collator = Collator(tokenizer, pad_to)
+    train_loader = make_loader(train_ds, collator, cfg.batch_size, cfg.seed, train=True, num_workers=cfg.num_workers)
+    eval_loader = make_loader(eval_ds, collator, cfg.eval_batch_size or 2 * cfg.batch_size, cfg.seed, train=False,
+                              num_workers=cfg.num_workers)
+    sampler = train_loader.batch_sampler
+    per_rank_batches = math.ceil(len(train_loader) / accelerator.num_processes)
+    total_steps = math.ceil(per_rank_batches / cfg.grad_accum) * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    # Counted in optimizer steps: we step the scheduler once per optimizer step ourselves.
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler)
+
+    state = TrainState(world_size=accelerator.num_processes)
+    if resume is not None:
+        progress = ckpt.read_progress(resume)
+        if progress["state"]["world_size"] != accelerator.num_processes:
+            raise ToolkitError(f"checkpoint {resume} was written by {progress['state']['world_size']} processes, "
+                               f"this run has {accelerator.num_processes}", "resume with the same number of processes")
+        accelerator.load_state(str(resume))
+        state = TrainState(**progress["state"])
+        reporter.print(f"[green]resumed from {resume}: epoch {state.epoch}, step {state.global_step}, "
+                       f"{state.batches_done} batches into the epoch[/green]")
+
+    last_eval: dict[int, EvalResult] = {}  # global step -> result, so the end-of-run eval is not repeated
+
+    def evaluate(epoch: int) -> EvalResult:
+        if state.global_step in last_eval:
+            return last_eval[state.global_step]
+        result = last_eval[state.global_step] = validate(accelerator, model, eval_loader, cfg.data.num_labels, len(eval_ds))
+        reporter.record({"epoch": epoch, "step": state.global_step, **{f"eval_{k}" if not k.startswith("eval") else k: v
+                                                                       for k, v in result.metrics.items()}})
+        reporter.print(f"epoch {epoch}: f1 {result.metrics['f1']:.4f} accuracy {result.metrics['accuracy']:.4f} "
+                       f"eval loss {result.metrics['eval_loss']:.4f}")
+        return result
+
+    stop = StopRequest(cfg.stop_file).install()
+    status = fit(accelerator, model, optimizer, scheduler, train_loader, sampler, state=state, epochs=cfg.epochs,
+                 max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, log_every=cfg.log_every,
+                 checkpoint_every=cfg.checkpoint_every, reporter=reporter, stop=stop, evaluate=evaluate,
+                 checkpoint=lambda s: ckpt.save_checkpoint(
+                     accelerator, out, {"state": s.to_dict(), "config": cfg.to_dict()}, cfg.keep_checkpoints))
+    if status == "preempted":
+        reporter.print(f"[yellow]checkpoint saved; exiting with {PREEMPTED_EXIT_CODE} so the job can be requeued[/yellow]")
+        return PREEMPTED_EXIT_CODE
+
+    # ---- final outputs (the eval is cheap next to training and makes the files self-consistent)
+    result = evaluate(state.epoch)
+    ckpt.save_model(accelerator, model, tokenizer, out / "model")
+    if accelerator.is_main_process:
+        write_predictions(out / "predictions.csv", result)
+        metrics = {
+            **result.metrics,
+            "train_runtime_s": state.train_runtime_s,
+            "train_samples_per_s": state.samples_seen / state.train_runtime_s if state.train_runtime_s else 0.0,
+            "train_samples": state.samples_seen,
+            "global_step": state.global_step,
+            "trainable_params": summary.trainable,
+            "total_params": summary.total,
+            "world_size": accelerator.num_processes,
+            "freeze": cfg.freeze,
+        }
+        save_json(out / "metrics.json", metrics)
+        reporter.metrics_table(f"final metrics ({out})", metrics)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
