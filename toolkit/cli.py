@@ -6,6 +6,7 @@ import os
 import sys
 from typing import Callable
 
+import torch
 from rich.console import Console
 
 from .config import parse_args
@@ -27,4 +28,8 @@ def run(main: Callable[[object], int], config_cls: type, description: str, argv:
 
 
 def launch(main: Callable[[object], int], config_cls: type, description: str) -> None:
-    sys.exit(run(main, config_cls, description))
+    code = run(main, config_cls, description)
+    # Here, not in main(): a script may run several trainings in one process group (compare.py).
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.exit(code)

@@ -244,24 +244,34 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     shuffle=False, sort_by_length=True: evaluation order, longest first, so each batch
     holds similar lengths and little padding; results are put back in row order by `idx`.
+
+    shuffle=True, group_by_length=True: training batches of similar lengths in random
+    order. A random permutation is cut into groups of `group_batches` batches; each group
+    is sorted by length and cut into batches; the batch order is then shuffled, and the
+    batch holding the longest row goes first (a run that will run out of memory does so
+    at step 1). Every row is used once per epoch, batch composition changes every epoch,
+    and it is still a pure function of (seed, epoch), so resuming mid-epoch works as before.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, shuffle: bool, sort_by_length: bool = False):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, shuffle: bool, sort_by_length: bool = False,
+                 group_by_length: bool = False, group_batches: int = 16):
         self.lengths = lengths
         self.size = batch_size
         self.seed = seed
         self.shuffle = shuffle
         self.sort_by_length = sort_by_length
+        self.group_by_length = group_by_length
+        self.group_batches = group_batches
         self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.size)
 
     def __iter__(self) -> Iterator[list[int]]:
         n = len(self.lengths)
+        if self.shuffle and self.group_by_length:
+            yield from self._grouped_batches(torch.Generator().manual_seed(self.seed + self.epoch))
+            return
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(n, generator=gen).tolist()
@@ -271,6 +281,18 @@ class EpochBatchSampler(Sampler[list[int]]):
             order = list(range(n))
         for start in range(0, n, self.size):
             yield order[start:start + self.size]
+
+    def _grouped_batches(self, gen: torch.Generator) -> list[list[int]]:
+        perm = torch.randperm(len(self.lengths), generator=gen).tolist()
+        group = self.size * self.group_batches  # a multiple of the batch size: only the very last batch can be short
+        batches = []
+        for start in range(0, len(perm), group):
+            rows = sorted(perm[start:start + group], key=lambda i: -self.lengths[i])  # stable: ties stay in random order
+            batches += [rows[j:j + self.size] for j in range(0, len(rows), self.size)]
+        batches = [batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()]
+        longest = max(range(len(batches)), key=lambda k: self.lengths[batches[k][0]])
+        batches[0], batches[longest] = batches[longest], batches[0]
+        return batches
 
 
 class Collator:
@@ -288,7 +310,9 @@ class Collator:
         return batch
 
 
-def make_loader(ds: Dataset, collator: Collator, batch_size: int, seed: int, train: bool, num_workers: int = 0) -> DataLoader:
-    sampler = EpochBatchSampler(list(ds["length"]), batch_size, seed, shuffle=train, sort_by_length=not train)
+def make_loader(ds: Dataset, collator: Collator, batch_size: int, seed: int, train: bool, num_workers: int = 0,
+                group_by_length: bool = False) -> DataLoader:
+    sampler = EpochBatchSampler(list(ds["length"]), batch_size, seed, shuffle=train, sort_by_length=not train,
+                                group_by_length=group_by_length)
     return DataLoader(ds, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available())

@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from .metrics import classification_metrics
 from .preemption import StopRequest
 from .reporting import Reporter
+from .throughput import FlopModel, batch_stats
 
 
 @dataclass
@@ -26,6 +27,9 @@ class TrainState:
     train_runtime_s: float = 0.0  # summed over restarts
     samples_seen: int = 0  # training examples, all ranks
     world_size: int = 1
+    tokens_seen: int = 0  # non-padding training tokens, all ranks
+    padded_tokens_seen: int = 0  # training tokens including padding, all ranks
+    model_flops: float = 0.0  # training FLOPs as counted in throughput.py, all ranks
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,7 +55,10 @@ def validate(accelerator: Accelerator, model, loader, num_labels: int, num_examp
     model.eval()
     start = time.perf_counter()
     rows, losses = [], []
+    stats = torch.zeros(4, dtype=torch.long, device=accelerator.device)  # tokens, padded tokens, sum len^2, rows
     for batch in loader:
+        if "attention_mask" in batch:
+            stats += batch_stats(batch["attention_mask"])
         idx = batch.pop("idx")
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
@@ -61,6 +68,7 @@ def validate(accelerator: Accelerator, model, loader, num_labels: int, num_examp
     local_loss = torch.cat(losses) if losses else torch.empty(0, device=accelerator.device)
     all_rows = accelerator.gather(accelerator.pad_across_processes(local_rows, dim=0, pad_index=-1)).cpu().numpy()
     all_loss = accelerator.gather(accelerator.pad_across_processes(local_loss, dim=0, pad_index=-1)).cpu().numpy()
+    tokens, padded = accelerator.reduce(stats, reduction="sum").tolist()[:2]
     keep = all_rows[:, 0] >= 0
     all_rows, all_loss = all_rows[keep], all_loss[keep]
     index, first = np.unique(all_rows[:, 0], return_index=True)
@@ -70,7 +78,8 @@ def validate(accelerator: Accelerator, model, loader, num_labels: int, num_examp
     labels, preds = all_rows[first, 1], all_rows[first, 2]
     metrics = classification_metrics(labels, preds, num_labels)
     metrics.update(eval_loss=float(all_loss[first].mean()), eval_runtime_s=runtime,
-                   eval_samples_per_s=num_examples / runtime)
+                   eval_samples_per_s=num_examples / runtime, eval_tokens_per_s=tokens / runtime,
+                   eval_padding_fraction=1 - tokens / padded if padded else 0.0)
     model.train()
     return EvalResult(metrics, index, labels, preds)
 
@@ -81,18 +90,23 @@ def _seed_for_step(seed: int, step: int, rank: int) -> None:
     torch.manual_seed((seed * 1_000_003 + step * 7919 + rank) % (2**63))
 
 
-def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+def _step_totals(accelerator: Accelerator, stop_flag: bool, pending: torch.Tensor) -> tuple[bool, list[int]]:
+    """One all-reduce per optimizer step: does any rank want to stop, and the throughput counters of all ranks."""
+    flag = torch.tensor([1 if stop_flag else 0], dtype=torch.long, device=pending.device)
+    totals = accelerator.reduce(torch.cat([flag, pending]), reduction="sum").tolist()
+    return totals[0] > 0, totals[1:]
 
 
 def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sampler, *, state: TrainState,
         epochs: int, max_steps: int | None, max_grad_norm: float, seed: int, log_every: int,
-        checkpoint_every: int, reporter: Reporter, stop: StopRequest, evaluate, checkpoint) -> str:
+        checkpoint_every: int, reporter: Reporter, stop: StopRequest, evaluate, checkpoint,
+        flop_model: FlopModel | None = None, peak_flops: float | None = None) -> str:
     """Train until the epochs or max_steps are done ("done") or a stop is requested ("preempted").
 
     `evaluate(epoch)` runs after every epoch; `checkpoint(state)` saves a resumable
-    checkpoint. `sampler` is the EpochBatchSampler behind `train_loader`.
+    checkpoint. `sampler` is the EpochBatchSampler behind `train_loader`. Throughput
+    (samples/s, non-padding tokens/s, padding fraction, and MFU when `peak_flops` of one
+    device is known) goes to the progress bar and metrics.jsonl at every log step.
     """
     accum = accelerator.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_loader) / accum)
@@ -100,6 +114,8 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     window_loss, window_n, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+    window_tokens, window_padded, window_flops = 0, 0, 0.0
+    pending = torch.zeros(4, dtype=torch.long, device=accelerator.device)  # this rank's batch_stats since the last step
 
     clock = time.perf_counter()
 
@@ -109,11 +125,12 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
 
     with reporter.progress(total_steps, completed=state.global_step) as bar:
         while state.epoch < epochs and state.global_step < total_steps:
-            sampler.set_epoch(state.epoch)
+            sampler.epoch = state.epoch
             loader = accelerator.skip_first_batches(train_loader, state.batches_done) if state.batches_done else train_loader
             for batch in loader:
                 _seed_for_step(seed, state.global_step * accum + state.batches_done % accum, accelerator.process_index)
                 batch.pop("idx")
+                pending += batch_stats(batch["attention_mask"])
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     accelerator.backward(loss)
@@ -131,6 +148,13 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
                     continue
                 scheduler.step()
                 state.global_step += 1
+                stop_now, (tokens, padded, len_sq, seqs) = _step_totals(accelerator, stop.requested(), pending)
+                pending.zero_()
+                flops = flop_model.flops(tokens, len_sq, seqs) if flop_model else 0.0
+                state.tokens_seen += tokens
+                state.padded_tokens_seen += padded
+                state.model_flops += flops
+                window_tokens, window_padded, window_flops = window_tokens + tokens, window_padded + padded, window_flops + flops
                 bar.update(1)
                 if state.global_step % log_every == 0 or state.global_step == total_steps:
                     elapsed = time.perf_counter() - window_start
@@ -138,26 +162,37 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
                                                    reduction="mean").item()
                     entry = {"step": state.global_step, "epoch": round(state.epoch + state.batches_done / len(train_loader), 4),
                              "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                             "samples_per_s": window_samples / elapsed}
+                             "samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed,
+                             "padding_fraction": 1 - window_tokens / window_padded if window_padded else 0.0}
+                    shown = {"samples/s": entry["samples_per_s"], "tok/s": f"{entry['tokens_per_s']:.0f}",
+                             "pad": f"{entry['padding_fraction']:.0%}"}
+                    if peak_flops:
+                        entry["mfu"] = window_flops / elapsed / (peak_flops * accelerator.num_processes)
+                        shown["mfu"] = f"{entry['mfu']:.1%}"
                     reporter.record(entry)
-                    bar.update(0, loss=mean_loss, lr=entry["lr"], **{"samples/s": entry["samples_per_s"]})
+                    bar.update(0, loss=mean_loss, lr=entry["lr"], **shown)
                     window_loss, window_n, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
-                if _any_rank(accelerator, stop.requested()):
+                    window_tokens, window_padded, window_flops = 0, 0, 0.0
+                if stop_now:
                     bank_time()
                     reporter.print(f"[yellow]stop requested ({stop.reason()}): checkpointing at step {state.global_step}[/yellow]")
                     checkpoint(state)
                     return "preempted"
                 if checkpoint_every and state.global_step % checkpoint_every == 0:
                     bank_time()
+                    paused = time.perf_counter()
                     checkpoint(state)
                     clock = time.perf_counter()
+                    window_start += clock - paused  # the logged rates measure training only
                 if state.global_step >= total_steps:
                     break
             bank_time()
+            paused = time.perf_counter()
             if state.batches_done >= len(train_loader):
                 state.epoch += 1
                 state.batches_done = 0
                 evaluate(state.epoch)
                 checkpoint(state)
             clock = time.perf_counter()
+            window_start += clock - paused
     return "done"

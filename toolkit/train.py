@@ -24,11 +24,13 @@ from .config import TrainConfig, save_json
 from .data import Collator, build_splits, get_preset, make_loader, resolve_max_length, tokenize
 from .errors import ToolkitError
 from .freeze import apply_freeze, parse_policy
+from .frozen_cache import FrozenCache
 from .loop import EvalResult, TrainState, fit, validate
 from .model import build_optimizer, load_model, load_tokenizer
 from .precision import choose_mixed_precision, device_capability
 from .preemption import PREEMPTED_EXIT_CODE, StopRequest
 from .reporting import Reporter
+from .throughput import FlopModel, device_peak_flops, disable_frozen_dropout
 
 
 def setup(cpu: bool, mixed_precision: str | None, grad_accum: int = 1) -> Accelerator:
@@ -102,6 +104,10 @@ def main(cfg: TrainConfig) -> int:
                                                  getattr(model.config, "max_position_embeddings", None), reporter)
     reporter.print(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples, max length {max_length}")
     reporter.freeze_table(summary)
+    if cfg.cache_frozen:
+        FrozenCache.preflight(accelerator, model, cfg.freeze, train_ds, eval_ds)
+    if not cfg.frozen_dropout:
+        reporter.print(f"--no-frozen-dropout: dropout off in {disable_frozen_dropout(model, cfg.freeze)} frozen module(s)")
 
     out = _shared_output_dir(accelerator, cfg)
     resume = ckpt.resolve_resume(cfg.resume_from, out)
@@ -118,9 +124,20 @@ def main(cfg: TrainConfig) -> int:
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     pad_to = 8 if accelerator.device.type == "cuda" else None  # tensor cores like multiples of 8
     collator = Collator(tokenizer, pad_to)
-    train_loader = make_loader(train_ds, collator, cfg.batch_size, cfg.seed, train=True, num_workers=cfg.num_workers)
-    eval_loader = make_loader(eval_ds, collator, cfg.eval_batch_size or 2 * cfg.batch_size, cfg.seed, train=False,
-                              num_workers=cfg.num_workers)
+    eval_batch_size = cfg.eval_batch_size or 2 * cfg.batch_size
+    cache = None
+    if cfg.cache_frozen:  # the frozen part runs once here; the loaders then carry its outputs
+        cache = FrozenCache.build(accelerator, model, cfg.freeze, train_ds, eval_ds, collator, eval_batch_size, reporter.print)
+        train_loader = cache.loader("train", cfg.batch_size, cfg.seed, cfg.group_by_length, cfg.num_workers)
+        eval_loader = cache.loader("eval", eval_batch_size, cfg.seed, num_workers=cfg.num_workers)
+    else:
+        train_loader = make_loader(train_ds, collator, cfg.batch_size, cfg.seed, train=True, num_workers=cfg.num_workers,
+                                   group_by_length=cfg.group_by_length)
+        eval_loader = make_loader(eval_ds, collator, eval_batch_size, cfg.seed, train=False, num_workers=cfg.num_workers)
+    flop_model = FlopModel.from_model(model, cfg.freeze, cached_prefix=cache is not None)
+    peak_flops = device_peak_flops(accelerator.device, accelerator.mixed_precision)
+    if cfg.compile:
+        model.compile(dynamic=True)  # in place: parameter names, checkpoints and saving are unchanged
     sampler = train_loader.batch_sampler
     per_rank_batches = math.ceil(len(train_loader) / accelerator.num_processes)
     total_steps = math.ceil(per_rank_batches / cfg.grad_accum) * cfg.epochs
@@ -141,6 +158,8 @@ def main(cfg: TrainConfig) -> int:
         state = TrainState(**progress["state"])
         reporter.print(f"[green]resumed from {resume}: epoch {state.epoch}, step {state.global_step}, "
                        f"{state.batches_done} batches into the epoch[/green]")
+    if cache is not None:
+        state.train_runtime_s += cache.train_seconds  # it replaced the frozen part's forward passes
 
     last_eval: dict[int, EvalResult] = {}  # global step -> result, so the end-of-run eval is not repeated
 
@@ -159,13 +178,16 @@ def main(cfg: TrainConfig) -> int:
                  max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, log_every=cfg.log_every,
                  checkpoint_every=cfg.checkpoint_every, reporter=reporter, stop=stop, evaluate=evaluate,
                  checkpoint=lambda s: ckpt.save_checkpoint(
-                     accelerator, out, {"state": s.to_dict(), "config": cfg.to_dict()}, cfg.keep_checkpoints))
+                     accelerator, out, {"state": s.to_dict(), "config": cfg.to_dict()}, cfg.keep_checkpoints),
+                 flop_model=flop_model, peak_flops=peak_flops)
     if status == "preempted":
         reporter.print(f"[yellow]checkpoint saved; exiting with {PREEMPTED_EXIT_CODE} so the job can be requeued[/yellow]")
         return PREEMPTED_EXIT_CODE
 
     # ---- final outputs (the eval is cheap next to training and makes the files self-consistent)
     result = evaluate(state.epoch)
+    if cache is not None:
+        cache.restore()  # the saved model runs its frozen part again
     ckpt.save_model(accelerator, model, tokenizer, out / "model")
     if accelerator.is_main_process:
         write_predictions(out / "predictions.csv", result)
@@ -174,6 +196,14 @@ def main(cfg: TrainConfig) -> int:
             "train_runtime_s": state.train_runtime_s,
             "train_samples_per_s": state.samples_seen / state.train_runtime_s if state.train_runtime_s else 0.0,
             "train_samples": state.samples_seen,
+            "train_tokens_per_s": state.tokens_seen / state.train_runtime_s if state.train_runtime_s else 0.0,
+            "train_padding_fraction": 1 - state.tokens_seen / state.padded_tokens_seen if state.padded_tokens_seen else 0.0,
+            "train_model_tflops": state.model_flops / 1e12,
+            "mfu": (state.model_flops / state.train_runtime_s / (peak_flops * accelerator.num_processes)
+                    if peak_flops and state.train_runtime_s else None),
+            "group_by_length": cfg.group_by_length,
+            **({"cache_train_s": cache.train_seconds, "cache_eval_s": cache.eval_seconds,
+                "cache_mib": cache.nbytes / 2**20} if cache is not None else {}),
             "global_step": state.global_step,
             "trainable_params": summary.trainable,
             "total_params": summary.total,
@@ -183,5 +213,4 @@ def main(cfg: TrainConfig) -> int:
         save_json(out / "metrics.json", metrics)
         reporter.metrics_table(f"final metrics ({out})", metrics)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return 0
