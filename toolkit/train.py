@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, set_seed
 from transformers import get_linear_schedule_with_warmup
 
 from . import checkpoint as ckpt
@@ -37,13 +37,21 @@ def setup(cpu: bool, mixed_precision: str | None, grad_accum: int = 1) -> Accele
     """The Accelerator for this process; the launcher (or SLURM, or nothing) decides the world."""
     export_torch_distributed_env(detect())
     cpu = cpu or not torch.cuda.is_available()
-    if mixed_precision is None and "ACCELERATE_MIXED_PRECISION" not in os.environ:
-        mixed_precision = "auto"  # plain `python`: pick what the device does natively
-    if mixed_precision is not None:
-        mixed_precision = choose_mixed_precision(mixed_precision, None if cpu else device_capability())
+    # Accelerate builds a DeepSpeed engine only with cpu=False (accelerate/state.py: `USE_DEEPSPEED ... and not
+    # cpu`); with cpu=True a DeepSpeed config silently becomes plain DDP. Without a GPU DeepSpeed runs on its
+    # CPU accelerator by itself, over the gloo group below.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if mixed_precision is None:
+        # The launcher's value (an accelerate config's mixed_precision) is checked like a flag. A DeepSpeed
+        # config cannot carry one (Accelerate refuses it next to a deepspeed_config_file), so there "no" is
+        # only the launcher's default: pick for the device, as with plain `python`.
+        mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        if mixed_precision is None or (deepspeed and mixed_precision == "no"):
+            mixed_precision = "auto"
+    mixed_precision = choose_mixed_precision(mixed_precision, None if cpu else device_capability())
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
-        cpu=cpu,
+        cpu=cpu and not deepspeed,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum,
         # The loop steps the scheduler once per optimizer step, so its length is simply the
@@ -145,6 +153,14 @@ def main(cfg: TrainConfig) -> int:
         total_steps = min(total_steps, cfg.max_steps)
     # Counted in optimizer steps: we step the scheduler once per optimizer step ourselves.
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # The DeepSpeed JSONs leave these "auto". Our loaders use a batch_sampler (DataLoader.batch_size is
+        # None, so Accelerate cannot infer the micro batch), and DeepSpeed clips inside its engine
+        # (accelerator.clip_grad_norm_ only reports the norm there): both come from our own arguments.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        for key, value in (("train_micro_batch_size_per_gpu", cfg.batch_size), ("gradient_clipping", cfg.max_grad_norm)):
+            if ds_config.get(key, "auto") == "auto":
+                ds_config[key] = value
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
 
