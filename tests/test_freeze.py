@@ -116,3 +116,19 @@ def test_model_without_block_list_is_a_clear_error():
     with pytest.raises(ToolkitError, match="no list of encoder blocks"):
         apply_freeze(Flat(), "last1")
     apply_freeze(Flat(), "head")  # head needs no blocks
+
+
+def test_ddp_unused_parameter_probe():
+    from toolkit.train import unused_trainable_parameters
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                                     intermediate_size=64, vocab_size=100, num_labels=2))
+    example = {"input_ids": torch.tensor([[2, 5, 7, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+               "labels": torch.tensor([1])}
+    for policy in ("none", "last1", "head"):
+        apply_freeze(model, policy)
+        assert unused_trainable_parameters(model, example) == []  # every policy trains parts that run
+    model.extra = torch.nn.Linear(2, 2)  # trainable but never called by forward()
+    assert unused_trainable_parameters(model, example) == ["extra.weight", "extra.bias"]
+    assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradients behind

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, broadcast_object_list, set_seed
 from transformers import get_linear_schedule_with_warmup
 
 from . import checkpoint as ckpt
@@ -67,6 +67,23 @@ def setup(cpu: bool, mixed_precision: str | None, grad_accum: int = 1) -> Accele
             "on CPU-only machines pass --cpu (or set ACCELERATE_USE_CPU=true) so the processes join one gloo group",
         )
     return accelerator
+
+
+def unused_trainable_parameters(model, example: dict) -> list[str]:
+    """Trainable parameters that get no gradient from one real forward/backward.
+
+    DDP must be told `find_unused_parameters=True` when some trainable parameter takes no
+    part in the forward (it would otherwise wait forever for that gradient), and that
+    search costs an extra graph traversal on every step. Frozen parameters never count:
+    DDP only tracks parameters with requires_grad. The policies here train a suffix of the
+    network (last blocks, pooler, head), which normally all run; this probe checks instead
+    of assuming, e.g. for a model whose pooler exists but is unused.
+    """
+    model.zero_grad(set_to_none=True)
+    model(**example).loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    return unused
 
 
 def _shared_output_dir(accelerator: Accelerator, cfg) -> Path:
@@ -153,6 +170,14 @@ def main(cfg: TrainConfig) -> int:
         total_steps = min(total_steps, cfg.max_steps)
     # Counted in optimizer steps: we step the scheduler once per optimizer step ourselves.
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    if accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU) and cache is None:
+        example = collator([{k: train_ds[0][k] for k in train_ds.column_names}])
+        example.pop("idx")
+        unused = unused_trainable_parameters(model, example)
+        if unused:
+            reporter.print(f"[yellow]DDP: {len(unused)} trainable parameters are unused in the forward "
+                           f"({unused[:3]}...): find_unused_parameters=True[/yellow]")
+            accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # The DeepSpeed JSONs leave these "auto". Our loaders use a batch_sampler (DataLoader.batch_size is
         # None, so Accelerate cannot infer the micro batch), and DeepSpeed clips inside its engine
