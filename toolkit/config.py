@@ -61,6 +61,13 @@ class TrainConfig:
     log_every: int = _opt(10, "log training metrics every N optimizer steps")
     stop_file: Optional[str] = _opt(None, "if this file appears, checkpoint at the next step and exit 75 (for requeue)")
     num_workers: int = _opt(0, "DataLoader worker processes")
+    group_by_length: bool = _opt(True, "train on shuffled groups of similar-length rows (less padding, order still random); "
+                                       "--no-group-by-length: plain random batches")
+    frozen_dropout: bool = _opt(True, "keep dropout in the frozen layers; --no-frozen-dropout runs them without it "
+                                      "(as in eval mode: faster, slightly different training)")
+    cache_frozen: bool = _opt(False, "head/lastN: compute the frozen part's outputs once (eval mode, no dropout) and train "
+                                     "the trainable part on them every epoch (see docs/performance.md)")
+    compile: bool = _opt(False, "torch.compile the model (opt-in: compile time is only repaid by long runs)")
     data: DataConfig = field(default_factory=DataConfig)
 
     def resolve_output_dir(self) -> Path:
@@ -75,8 +82,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    model: str = _opt(None, "saved model folder (a run's model/ folder)", required=True)
-    eval_batch_size: int = _opt(32, "evaluation batch size per device")
+    model: str = _opt(None, "what to score: a run folder, its model/ folder, or a checkpoints/step-N folder", required=True)
+    same_data: bool = _opt(False, "score on the run's own eval set (its data options; --data-dir still relocates the files)")
+    eval_batch_size: Optional[int] = _opt(None, "evaluation batch size per device (default: the run's, else 32)")
     mixed_precision: Optional[str] = _opt(None, "no | fp16 | bf16")
     cpu: bool = _opt(False, "run on CPU even if a GPU is visible")
     seed: int = _opt(42, "seed")
@@ -101,8 +109,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         extra = {k: v for k, v in f.metadata.items() if k != "help"}
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        if kind is bool:  # off by default: --flag; on by default: --flag / --no-flag
+            action = argparse.BooleanOptionalAction if f.default is True else "store_true"
+            parser.add_argument(flag, action=action, default=f.default, help=f.metadata["help"])
             continue
         base = next((t for t in getattr(kind, "__args__", (kind,)) if t is not type(None)), str)
         default = None if extra.get("required") else f.default

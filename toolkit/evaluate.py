@@ -1,37 +1,77 @@
-"""Evaluate a saved model (a run's `model/` folder) with the same data options as training."""
+"""Score a trained model (run folder, model/ folder or checkpoint; see saved.py) on an eval set.
+
+The eval set is given with the training data options (a preset, --data-dir, or any local file
+with --eval-file, alone or with --train-file), or taken from the run itself with --same-data.
+Truncation length and batch size default to the run's, because changing either changes scores.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from .config import EvalConfig, save_json
-from .data import Collator, make_loader
+from datasets import Dataset
+
+from .config import DataConfig, EvalConfig, save_json
+from .data import Collator, load_data_file, take_sample, build_splits, clean, make_loader, resolve_max_length, tokenize
 from .errors import ToolkitError
 from .loop import validate
-from .model import load_model, load_tokenizer
 from .reporting import Reporter
-from .train import _shared_output_dir, prepare_data, setup, write_predictions
+from .saved import Saved, load_saved
+from .train import shared_output_dir, setup, write_predictions
+
+
+def eval_split(cfg: DataConfig, log=print) -> Dataset:
+    """The eval rows exactly as training selects them; --eval-file alone needs no train file."""
+    if cfg.eval_file and not cfg.train_file:
+        if cfg.eval_samples is not None and cfg.eval_samples < 1:
+            raise ToolkitError(f"--eval-samples must be at least 1, got {cfg.eval_samples}",
+                               "pass a positive --eval-samples")
+        # build_splits would insist on a train file; this is its sampling of a custom eval file.
+        return take_sample(clean(load_data_file(Path(cfg.eval_file)), cfg, "eval", log), cfg.eval_samples, cfg.data_seed)
+    return build_splits(cfg, log)[1]
+
+
+def data_config(cfg: EvalConfig, saved: Saved) -> DataConfig:
+    if cfg.same_data:
+        if not saved.run_config:
+            raise ToolkitError(f"--same-data needs the run's settings, but no training config.json belongs to {cfg.model}",
+                               "pass the data options instead (--task, --data-dir, --eval-file, --eval-samples, ...)")
+        known = {f.name for f in dataclasses.fields(DataConfig)}
+        data = DataConfig(**{k: v for k, v in saved.run_config["data"].items() if k in known})
+        data.data_dir = cfg.data.data_dir or data.data_dir  # the files may have moved since training
+    else:
+        data = dataclasses.replace(cfg.data)
+    data.num_labels = saved.model.config.num_labels  # the model decides how many classes there are
+    data.max_length = data.max_length or saved.train_max_length
+    return data
 
 
 def main(cfg: EvalConfig) -> int:
-    if not Path(cfg.model).is_dir():
-        raise ToolkitError(f"model folder not found: {cfg.model}", "pass a run's model/ folder (written by launch/train.py)")
+    saved = load_saved(cfg.model)
+    data = data_config(cfg, saved)
     accelerator = setup(cfg.cpu, cfg.mixed_precision)
     reporter = Reporter(accelerator.is_main_process)
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, cfg.data.num_labels)
-    _, eval_ds, _ = prepare_data(accelerator, cfg.data, tokenizer, getattr(model.config, "max_position_embeddings", None),
-                                 reporter, need_train=False)
-    loader = make_loader(eval_ds, Collator(tokenizer, 8 if accelerator.device.type == "cuda" else None),
-                         cfg.eval_batch_size, cfg.seed, train=False)
+    reporter.print(f"scoring the {saved.kind} at {saved.path}")
+    model, tokenizer = saved.model, saved.tokenizer
+    with accelerator.main_process_first():  # rank 0 fills the datasets cache, the others read it
+        eval_ds = eval_split(data, reporter.print)
+        max_length = resolve_max_length(data.max_length, tokenizer, getattr(model.config, "max_position_embeddings", None))
+        eval_tok = tokenize(eval_ds, tokenizer, max_length)
+    batch_size = cfg.eval_batch_size or saved.train_eval_batch_size or 32
+    loader = make_loader(eval_tok, Collator(tokenizer, 8 if accelerator.device.type == "cuda" else None),
+                         batch_size, cfg.seed, train=False)
     model, loader = accelerator.prepare(model, loader)
-    result = validate(accelerator, model, loader, cfg.data.num_labels, len(eval_ds))
-    out = _shared_output_dir(accelerator, cfg)
+    result = validate(accelerator, model, loader, data.num_labels, len(eval_tok))
+    out = shared_output_dir(accelerator, cfg)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        save_json(out / "config.json", {**cfg.to_dict(), "data": dataclasses.asdict(data), "resolved": {
+            "source": saved.kind, "weights": str(saved.path), "max_length": max_length, "eval_batch_size": batch_size,
+            "eval_examples": len(eval_tok), "world_size": accelerator.num_processes}})
         write_predictions(out / "predictions.csv", result)
         metrics = {**result.metrics, "total_params": sum(p.numel() for p in model.parameters()),
-                   "world_size": accelerator.num_processes, "model": cfg.model}
+                   "world_size": accelerator.num_processes, "model": cfg.model, "source": saved.kind}
         save_json(out / "metrics.json", metrics)
         reporter.metrics_table(f"evaluation of {cfg.model} ({out})", metrics)
     accelerator.wait_for_everyone()

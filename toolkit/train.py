@@ -86,7 +86,7 @@ def unused_trainable_parameters(model, example: dict) -> list[str]:
     return unused
 
 
-def _shared_output_dir(accelerator: Accelerator, cfg) -> Path:
+def shared_output_dir(accelerator: Accelerator, cfg) -> Path:
     # The default name has a timestamp: take rank 0's so every rank writes to one folder.
     names = [str(cfg.resolve_output_dir())]
     broadcast_object_list(names, from_process=0)
@@ -134,7 +134,7 @@ def main(cfg: TrainConfig) -> int:
     if not cfg.frozen_dropout:
         reporter.print(f"--no-frozen-dropout: dropout off in {disable_frozen_dropout(model, cfg.freeze)} frozen module(s)")
 
-    out = _shared_output_dir(accelerator, cfg)
+    out = shared_output_dir(accelerator, cfg)
     resume = ckpt.resolve_resume(cfg.resume_from, out)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

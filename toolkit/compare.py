@@ -1,0 +1,182 @@
+"""Train several freeze policies under identical settings and report them side by side.
+
+Each policy is an ordinary training run (toolkit.train.main) in OUTPUT_DIR/<policy>/, always
+started from the pretrained --model, so the runs differ only in what they freeze. A run is
+finished iff its metrics.json exists (train.main writes it last). Finished runs are reused, so
+re-running the command after a failure, a preemption or with an extra policy trains only what is
+missing; a finished run trained with other settings is refused rather than mixed into the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate.utils import broadcast_object_list
+from rich.console import Console
+from rich.markup import escape
+
+from . import report
+from .config import TrainConfig, _opt, save_json
+from .errors import ToolkitError
+from .freeze import parse_policy
+from .preemption import PREEMPTED_EXIT_CODE
+from .train import shared_output_dir, setup
+from .train import main as train_main
+
+# Settings that change how a run is carried out or logged, not what it computes.
+NOT_COMPARED = {"output_dir", "resume_from", "stop_file", "log_every", "checkpoint_every", "keep_checkpoints",
+                "num_workers", "resolved"}
+
+
+@dataclass
+class CompareConfig(TrainConfig):
+    policies: str = _opt("none,last2,head", "comma-separated freeze policies to train one after another "
+                                            "(none, head, lastN); 'none' is the baseline for speed-up and F1 change")
+    freeze: Optional[str] = _opt(None, argparse.SUPPRESS)  # replaced by --policies; given anyway -> a clear error
+
+    def resolve_output_dir(self) -> Path:
+        if self.output_dir is None:
+            self.output_dir = f"runs/compare-{self.data.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return Path(self.output_dir)
+
+
+def parse_policies(text: str) -> list[str]:
+    policies = [p.strip() for p in text.split(",") if p.strip()]
+    if not policies:
+        raise ToolkitError("--policies is empty", "pass e.g. --policies none,last2,head")
+    repeated = sorted({p for p in policies if policies.count(p) > 1})
+    if repeated:
+        raise ToolkitError(f"--policies names {', '.join(repeated)} more than once", "list each policy once")
+    for policy in policies:
+        parse_policy(policy)
+    return policies
+
+
+def run_config(base: TrainConfig, policy: str, out: Path) -> TrainConfig:
+    # deep copy: train.main may fill in fields, and no run may see another's changes
+    return dataclasses.replace(copy.deepcopy(base), freeze=policy, output_dir=str(out / policy))
+
+
+def _mismatch(saved: dict, wanted: dict, defaults: dict, prefix: str = "") -> list[str]:
+    keys = (set(saved) | set(wanted)) - NOT_COMPARED
+    diffs = []
+    for key in sorted(keys):
+        # an option added to the toolkit after that run was trained had its default value then
+        a, b = saved.get(key, defaults.get(key)), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _mismatch(a, b, defaults.get(key) or {}, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} there, {b!r} now")
+    return diffs
+
+
+def plan(out: Path, runs: dict[str, TrainConfig], world_size: int) -> dict[str, str]:
+    """policy -> 'reuse' | 'train'; refuses finished runs whose settings differ from this invocation's."""
+    decisions = {}
+    for policy, cfg in runs.items():
+        run_dir = out / policy
+        if not (run_dir / "metrics.json").is_file():
+            decisions[policy] = "train"
+            continue
+        saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+        diffs = _mismatch(saved, cfg.to_dict(), TrainConfig().to_dict())
+        trained_on = saved.get("resolved", {}).get("world_size", world_size)
+        if trained_on != world_size:
+            diffs.append(f"processes: {trained_on} there, {world_size} now")
+        if diffs:
+            raise ToolkitError(f"{run_dir} holds a finished '{policy}' run with other settings ({'; '.join(diffs[:4])})",
+                               "use the same options as before, a new --output-dir, or delete that run folder")
+        decisions[policy] = "reuse"
+    return decisions
+
+
+def _plan_or_error(out: Path, runs: dict[str, TrainConfig], world_size: int) -> dict[str, str] | ToolkitError:
+    try:
+        return plan(out, runs, world_size)
+    except ToolkitError as err:
+        return err
+
+
+def _free_memory() -> None:
+    # the finished run's model and optimizer are garbage now; hand their GPU memory back
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main(cfg: CompareConfig) -> int:
+    if cfg.freeze is not None:
+        raise ToolkitError("compare trains every policy in --policies; it does not take --freeze",
+                           f"pass --policies {cfg.freeze} (or a list such as none,last2,head)")
+    policies = parse_policies(cfg.policies)
+    if cfg.resume_from not in (None, "auto"):
+        raise ToolkitError(f"compare resumes each policy from its own folder, not from {cfg.resume_from}",
+                           "pass --resume-from auto (or nothing) together with the same --output-dir")
+    base = TrainConfig(**{f.name: copy.deepcopy(getattr(cfg, f.name)) for f in dataclasses.fields(TrainConfig)})
+    accelerator = setup(cfg.cpu, cfg.mixed_precision, cfg.grad_accum)
+    out = shared_output_dir(accelerator, cfg)
+    runs = {policy: run_config(base, policy, out) for policy in policies}
+    decisions = [_plan_or_error(out, runs, accelerator.num_processes) if accelerator.is_main_process else None]
+    broadcast_object_list(decisions, from_process=0)  # every rank must train the same runs in the same order
+    if isinstance(decisions[0], ToolkitError):
+        raise decisions[0]  # on every rank, so none is left waiting for the others
+    console = Console(stderr=True, highlight=False) if accelerator.is_main_process else None
+    hardware = report.describe_hardware(accelerator.device.type, accelerator.num_processes)
+
+    records = [{"policy": p, "run_dir": p, "status": "not run", "error": None} for p in policies]
+    code = 0
+    for record, (policy, run_cfg) in zip(records, runs.items()):
+        if decisions[0][policy] == "reuse":
+            record["status"] = "reused"
+            if console:
+                console.print(f"[green]{policy}: finished run found in {out / policy}, reused[/green]")
+            continue
+        try:
+            result = train_main(run_cfg)
+        except Exception as exc:  # one policy failing must not cost the others their run
+            record.update(status="failed", error=_describe(exc))
+            if console:
+                console.print(f"[bold red]{policy} failed:[/bold red] {escape(record['error'])}")
+                if not isinstance(exc, ToolkitError):
+                    traceback.print_exc()
+            result = None
+        _free_memory()
+        if result == PREEMPTED_EXIT_CODE:
+            record.update(status="interrupted", error="stopped by a stop request; checkpoint saved")
+            code = PREEMPTED_EXIT_CODE
+            break
+        if result == 0:
+            record["status"] = "trained"
+            if accelerator.is_main_process:
+                save_json(out / policy / "hardware.json", {"hardware": hardware})
+        elif result is not None:
+            record.update(status="failed", error=f"training exited with status {result}")
+
+    if accelerator.is_main_process:
+        data = report.write_report(out, records, base.to_dict(), hardware)
+        print(f"\n{report.markdown(data)}\nreport: {out / 'report.md'}, {out / 'report.png'}, {out / 'report.json'}",
+              flush=True)
+        failed = [r["policy"] for r in records if r["status"] == "failed"]
+        if failed:
+            console.print(f"[bold red]{len(failed)} of {len(records)} policies failed: {', '.join(failed)}[/bold red] "
+                          "(see report.md)")
+    accelerator.wait_for_everyone()
+    if code:
+        return code
+    return 1 if any(r["status"] == "failed" for r in records) else 0
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, ToolkitError):
+        return f"{exc.problem} (fix: {exc.fix})" if exc.fix else exc.problem
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
