@@ -57,7 +57,7 @@ def get_preset(task: str) -> Preset:
 # ---------------------------------------------------------------- loading
 
 
-def _load_file(path: Path) -> Dataset:
+def load_data_file(path: Path) -> Dataset:
     if not path.exists():
         raise ToolkitError(f"data file not found: {path}", "check the path, or pass --data-dir / --train-file / --eval-file")
     fmt = FILE_FORMATS.get(path.suffix.lower())
@@ -93,12 +93,12 @@ def load_raw(cfg: DataConfig) -> tuple[Dataset, Dataset | None]:
     """The train pool and the eval pool (None when eval is carved out of the train pool)."""
     preset = get_preset(cfg.task)
     if cfg.train_file:
-        train = _load_file(Path(cfg.train_file))
-        return train, _load_file(Path(cfg.eval_file)) if cfg.eval_file else None
+        train = load_data_file(Path(cfg.train_file))
+        return train, load_data_file(Path(cfg.eval_file)) if cfg.eval_file else None
     if cfg.eval_file:
         raise ToolkitError("--eval-file was given without --train-file", "pass both, or use --data-dir")
     if cfg.data_dir:
-        load = lambda split: _load_file(_find_split_file(Path(cfg.data_dir), preset, split))  # noqa: E731
+        load = lambda split: load_data_file(_find_split_file(Path(cfg.data_dir), preset, split))  # noqa: E731
     else:
         load = lambda split: _load_hub(preset, split)  # noqa: E731
     return load(preset.train_split), load(preset.eval_split) if preset.eval_split else None
@@ -164,7 +164,7 @@ def _balanced(ds: Dataset, n: int, num_labels: int, seed: int, name: str) -> Dat
     return concatenate_datasets(parts).shuffle(seed=seed).flatten_indices()
 
 
-def _take(ds: Dataset, n: int | None, seed: int) -> Dataset:
+def take_sample(ds: Dataset, n: int | None, seed: int) -> Dataset:
     if n is None or n >= len(ds):
         return ds
     return ds.shuffle(seed=seed).select(range(n)).flatten_indices()
@@ -190,13 +190,13 @@ def build_splits(cfg: DataConfig, log=print) -> tuple[Dataset, Dataset]:
         if test_size >= len(pool):
             raise ToolkitError(f"eval share {test_size} leaves no training rows out of {len(pool)}", "lower --eval-samples")
         split = pool.train_test_split(test_size=test_size, seed=cfg.data_seed)
-        return _take(split["train"], n_train, cfg.data_seed), split["test"]
+        return take_sample(split["train"], n_train, cfg.data_seed), split["test"]
 
     train, evals = clean(train_raw, cfg, "train", log), clean(eval_raw, cfg, "eval", log)
     if preset.sampling == "balanced" and not custom:
         return (_balanced(train, n_train, cfg.num_labels, cfg.data_seed, "train"),
                 _balanced(evals, n_eval, cfg.num_labels, cfg.data_seed, "eval"))
-    return _take(train, n_train, cfg.data_seed), _take(evals, n_eval, cfg.data_seed)
+    return take_sample(train, n_train, cfg.data_seed), take_sample(evals, n_eval, cfg.data_seed)
 
 
 # ---------------------------------------------------------------- tokenization
@@ -247,14 +247,16 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     shuffle=True, group_by_length=True: training batches of similar lengths in random
     order. A random permutation is cut into groups of `group_batches` batches; each group
-    is sorted by length and cut into batches; the batch order is then shuffled, and the
+    is sorted by length (each length scaled by a random factor within +-`length_jitter`,
+    so rows of similar length land in different batches every epoch, even when the whole
+    dataset is one group) and cut into batches; the batch order is then shuffled, and the
     batch holding the longest row goes first (a run that will run out of memory does so
-    at step 1). Every row is used once per epoch, batch composition changes every epoch,
-    and it is still a pure function of (seed, epoch), so resuming mid-epoch works as before.
+    at step 1). Every row is used once per epoch, and it is still a pure function of
+    (seed, epoch), so resuming mid-epoch works as before.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, shuffle: bool, sort_by_length: bool = False,
-                 group_by_length: bool = False, group_batches: int = 16):
+                 group_by_length: bool = False, group_batches: int = 16, length_jitter: float = 0.05):
         self.lengths = lengths
         self.size = batch_size
         self.seed = seed
@@ -262,6 +264,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.sort_by_length = sort_by_length
         self.group_by_length = group_by_length
         self.group_batches = group_batches
+        self.length_jitter = length_jitter
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -283,14 +286,16 @@ class EpochBatchSampler(Sampler[list[int]]):
             yield order[start:start + self.size]
 
     def _grouped_batches(self, gen: torch.Generator) -> list[list[int]]:
-        perm = torch.randperm(len(self.lengths), generator=gen).tolist()
+        n = len(self.lengths)
+        perm = torch.randperm(n, generator=gen).tolist()
+        scale = (1 + self.length_jitter * (2 * torch.rand(n, generator=gen) - 1)).tolist()
         group = self.size * self.group_batches  # a multiple of the batch size: only the very last batch can be short
         batches = []
-        for start in range(0, len(perm), group):
-            rows = sorted(perm[start:start + group], key=lambda i: -self.lengths[i])  # stable: ties stay in random order
+        for start in range(0, n, group):
+            rows = sorted(perm[start:start + group], key=lambda i: -self.lengths[i] * scale[i])  # stable: ties stay random
             batches += [rows[j:j + self.size] for j in range(0, len(rows), self.size)]
         batches = [batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()]
-        longest = max(range(len(batches)), key=lambda k: self.lengths[batches[k][0]])
+        longest = max(range(len(batches)), key=lambda k: max(self.lengths[i] for i in batches[k]))
         batches[0], batches[longest] = batches[longest], batches[0]
         return batches
 

@@ -1,0 +1,179 @@
+"""Throughput bookkeeping: model FLOPs per batch, peak FLOPs per GPU, MFU; frozen-part dropout.
+
+FLOPs are counted the usual MFU way (PaLM, appendix B): matrix multiplies only, on the
+*non-padding* tokens of each sequence, so padding is waste that lowers MFU, not work
+that raises it. For an encoder with hidden size d, FFN size f and a sequence of n tokens:
+
+    per block, forward:  (8 d^2 + 4 d f) n      Q, K, V, output projections + FFN
+                       +  4 d n^2               Q K^T and attention x V
+    pooler, forward:      2 d^2                  one vector per sequence
+    head, forward:        2 x (weights of its linear layers), one vector per sequence
+
+A trained module costs 3x its forward (forward, input gradient, weight gradient), less
+the input gradients autograd skips: when nothing below a trained module is trained, its
+input needs no gradient, so the first trained block skips the Q/K/V input gradients
+(6 d^2 per token) and a head on a frozen backbone costs 2x. A frozen module costs 1x
+(forward only: its inputs need no gradient, so autograd records nothing for it), or 0x
+when its output comes from the --cache-frozen cache. Embedding lookups, layer norms,
+softmax and activations are not counted. This is the count torch.utils.flop_counter
+gives for a real training step (tested, with eager attention).
+
+MFU = model FLOPs per second / (peak FLOPs of one device x number of devices).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .freeze import find_blocks, parse_policy
+
+# Dense peak throughput in TFLOPS per GPU (vendor data sheets; no structured sparsity).
+# "fp32" is plain fp32 on CUDA cores, "tf32" the tensor-core fp32 path, "half" fp16/bf16
+# tensor cores (T4 and V100 have no bf16 tensor cores: their bf16 entry is None).
+PEAK_TFLOPS: dict[str, dict[str, float | None]] = {
+    "T4": {"fp32": 8.1, "tf32": None, "fp16": 65.0, "bf16": None},
+    "V100-PCIE": {"fp32": 14.0, "tf32": None, "fp16": 112.0, "bf16": None},
+    "V100": {"fp32": 15.7, "tf32": None, "fp16": 125.0, "bf16": None},  # SXM2
+    "A100": {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0},
+    "H100 PCIe": {"fp32": 51.0, "tf32": 378.0, "fp16": 756.0, "bf16": 756.0},
+    "H100 NVL": {"fp32": 60.0, "tf32": 417.5, "fp16": 835.0, "bf16": 835.0},
+    "H100": {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4},  # SXM5
+    "H200 NVL": {"fp32": 60.0, "tf32": 417.5, "fp16": 835.0, "bf16": 835.0},
+    "H200": {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4},  # SXM5
+}
+
+
+def gpu_family(device_name: str) -> str | None:
+    """'NVIDIA H100 80GB HBM3' -> 'H100', 'Tesla V100-PCIE-16GB' -> 'V100-PCIE', unknown -> None."""
+    name = device_name.upper()
+    # most specific first: "H100 NVL" before "H100", "V100-PCIE" before "V100"
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        parts = key.upper().split()
+        if all(p in name for p in parts):
+            return key
+    return None
+
+
+def peak_flops(device_name: str, mixed_precision: str, allow_tf32: bool = False) -> float | None:
+    """Peak FLOP/s of one GPU for a precision ('no' | 'fp16' | 'bf16'); None when unknown."""
+    family = gpu_family(device_name)
+    if family is None:
+        return None
+    table = PEAK_TFLOPS[family]
+    if mixed_precision in ("fp16", "bf16"):
+        tflops = table[mixed_precision]
+    else:
+        tflops = (table["tf32"] if allow_tf32 else None) or table["fp32"]
+    return tflops * 1e12 if tflops else None
+
+
+def device_peak_flops(device: torch.device, mixed_precision: str) -> float | None:
+    """Peak FLOP/s of the current device; None on CPU or an unlisted GPU (then no MFU is reported)."""
+    if device.type != "cuda":
+        return None
+    return peak_flops(torch.cuda.get_device_name(device), str(mixed_precision),
+                      allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+
+
+def _linear_weights(module: nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return sum(m.weight.numel() if getattr(m, "weight", None) is not None and m.weight.dim() == 2 else 0
+               for m in module.modules() if isinstance(m, nn.Linear))
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """Training FLOPs of a batch = per_token * tokens + per_len_sq * sum(n_i^2) + per_seq * sequences."""
+
+    per_token: float
+    per_len_sq: float
+    per_seq: float
+
+    def flops(self, tokens: float, sum_len_sq: float, sequences: float) -> float:
+        return self.per_token * tokens + self.per_len_sq * sum_len_sq + self.per_seq * sequences
+
+    @classmethod
+    def for_encoder(cls, hidden: int, ffn: int, layers: int, trainable_layers: int, pooler_weights: int,
+                    pooler_trained: bool, head_weights: int, embeddings_trained: bool = False,
+                    cached_prefix: bool = False) -> "FlopModel":
+        """The count of the module docstring; the last `trainable_layers` blocks are trained."""
+        d = hidden
+        frozen = layers - trainable_layers
+        frozen_mult = 0 if cached_prefix else 1
+        layer_mults = frozen * frozen_mult + 3 * trainable_layers
+        per_token = layer_mults * (8 * d * d + 4 * d * ffn)
+        if trainable_layers and not embeddings_trained:
+            per_token -= 6 * d * d  # the first trained block's input needs no gradient: no Q/K/V input gradients
+        grad_below = embeddings_trained or trainable_layers > 0
+        pooler_mult = (3 if grad_below else 2) if pooler_trained else frozen_mult
+        head_mult = 3 if grad_below or pooler_trained else 2
+        return cls(per_token=per_token, per_len_sq=layer_mults * 4 * d,
+                   per_seq=pooler_mult * 2 * pooler_weights + head_mult * 2 * head_weights)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, policy: str, cached_prefix: bool = False) -> "FlopModel | None":
+        """For BERT-like encoders (hidden_size / intermediate_size / num_hidden_layers); None otherwise."""
+        cfg = getattr(model, "config", None)
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", None)
+        ffn = getattr(cfg, "intermediate_size", None) or getattr(cfg, "hidden_dim", None)
+        layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layers", None)
+        if not (hidden and ffn and layers):
+            return None
+        kind, n = parse_policy(policy)
+        trainable_layers = {"none": layers, "head": 0}.get(kind, min(n, layers))
+        base = getattr(model, "base_model", model)
+        pooler = getattr(base, "pooler", None)
+        head = [m for name, m in model.named_children() if name != getattr(model, "base_model_prefix", None)]
+        return cls.for_encoder(hidden, ffn, layers, trainable_layers, _linear_weights(pooler), kind != "head",
+                               sum(_linear_weights(m) for m in head), embeddings_trained=kind == "none",
+                               cached_prefix=cached_prefix)
+
+
+def batch_stats(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[real tokens, padded tokens, sum of squared lengths, sequences] of one batch, as int64 on its device."""
+    lengths = attention_mask.sum(dim=1, dtype=torch.int64)
+    return torch.stack([lengths.sum(), torch.tensor(attention_mask.numel(), device=lengths.device),
+                        (lengths * lengths).sum(), torch.tensor(lengths.numel(), device=lengths.device)])
+
+
+# ---------------------------------------------------------------- the frozen part
+
+
+def frozen_prefix(model: nn.Module, policy: str) -> list[nn.Module]:
+    """The backbone modules a freeze policy leaves frozen, in execution order (empty for 'none').
+
+    lastN: the embeddings and the first L-N blocks. head: the whole backbone. Modules after
+    the blocks that a policy trains (BERT's pooler for lastN) are not part of it.
+    """
+    kind, n = parse_policy(policy)
+    if kind == "none":
+        return []
+    base = model.base_model
+    if kind == "head":
+        return [base]
+    _, blocks = find_blocks(model)
+    prefix = [m for name, m in base.named_children() if "embed" in name.lower()]
+    return prefix + list(blocks[: len(blocks) - n])
+
+
+def disable_frozen_dropout(model: nn.Module, policy: str) -> int:
+    """Set p=0 on every dropout inside the frozen part; returns how many were changed.
+
+    Frozen parameters never change, but dropout still runs in the frozen layers in training
+    mode: that is random-mask generation on every activation and, on CPU, it keeps PyTorch's
+    scaled-dot-product attention on its slow "math" kernel (the fused kernel has no dropout).
+    With p=0 the frozen part computes exactly what it computes in eval mode. This changes
+    training (no dropout noise below the trained layers), so it is opt-in (--no-frozen-dropout).
+    The module objects are untouched, so DDP / DeepSpeed wrapping and saving are unaffected.
+    """
+    changed = 0
+    for part in frozen_prefix(model, policy):
+        for module in part.modules():
+            if isinstance(module, nn.Dropout) and module.p > 0:
+                module.p = 0.0
+                changed += 1
+    return changed
