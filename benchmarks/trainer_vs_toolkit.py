@@ -282,6 +282,7 @@ def main(argv=None) -> None:
             for name, extra in (arms if r % 2 == 0 else arms[::-1]):
                 res = run_arm(args, name, extra, Path(logdir), r)
                 runs.append(res)
+                out.write_text(json.dumps({"partial": True, "settings": vars(args), "runs": runs}, indent=2) + "\n")
                 print(f"repeat {r} {name:>10}: train {res['train_samples_per_s']:7.2f} samples/s  "
                       f"eval {res['eval_samples_per_s']:7.2f} samples/s  f1 {res['f1']:.4f}  total {res['total_s']:7.1f} s  "
                       f"(load before {res['load_before']:.2f})", flush=True)
