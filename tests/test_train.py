@@ -139,3 +139,27 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, minilm, data_dir):
     assert read_predictions(tmp_path / "resumed" / "predictions.csv") == read_predictions(tmp_path / "straight" / "predictions.csv")
     a, b = read_json(tmp_path / "straight" / "metrics.json"), read_json(tmp_path / "resumed" / "metrics.json")
     assert a["eval_loss"] == b["eval_loss"] and a["f1"] == b["f1"] and a["global_step"] == b["global_step"] == 24
+
+
+def test_saved_tokenizer_does_not_depend_on_what_the_run_tokenized(minilm, tmp_path):
+    """A run that reused cached tokenization must save the same tokenizer.json as one that tokenized.
+
+    MiniLM's tokenizer.json carries "Fixed 128" padding and transformers leaves each call's
+    truncation on the Rust tokenizer; the saved file must record neither.
+    """
+    from accelerate import Accelerator
+
+    from toolkit.checkpoint import save_model
+    from toolkit.model import load_model, load_tokenizer
+
+    accelerator, model = Accelerator(cpu=True), load_model(minilm, 2)
+    fresh = load_tokenizer(minilm)
+    save_model(accelerator, model, fresh, tmp_path / "fresh")
+    used = load_tokenizer(minilm)
+    used(["a review, truncated"], truncation=True, max_length=5)
+    save_model(accelerator, model, used, tmp_path / "used")
+    saved = (tmp_path / "used" / "tokenizer.json").read_text()
+    assert saved == (tmp_path / "fresh" / "tokenizer.json").read_text()
+    reloaded = load_tokenizer(str(tmp_path / "used"))
+    assert reloaded(["one two three four five six"], truncation=True, max_length=4)["input_ids"][0][-1] == 102  # [SEP]
+    assert len(reloaded(["one two three four five six"])["input_ids"][0]) == 8  # neither padded nor truncated

@@ -83,7 +83,23 @@ def save_model(accelerator: Accelerator, model, tokenizer, target: Path) -> None
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        _clear_call_state(tokenizer)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     accelerator.wait_for_everyone()
+
+
+def _clear_call_state(tokenizer) -> None:
+    """Drop the padding/truncation a fast tokenizer keeps from its last call.
+
+    transformers sets both on the Rust tokenizer at every call and leaves them there, so
+    tokenizer.json would record whatever this process last did (a run that reused cached
+    tokenization would save the model folder's original "Fixed 128" padding, a run that
+    tokenized would save its truncation). Cleared, the saved folder is the same either way;
+    loading and calling it behave as before, since each call sets its own.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
