@@ -259,7 +259,13 @@ def machine() -> dict:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    try:  # the vector units decide CPU speed, bf16 above all (AMX / AVX512-BF16 run it natively)
+        flags = next(line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags"))
+        simd = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
+    except (OSError, StopIteration):
+        simd = []
+    return {"cpu": cpu, "simd": simd, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 

@@ -24,10 +24,8 @@
 # Settings that matter for the tests (learnt the hard way, see also the README, SLURM):
 #   ProctrackType=proctrack/linuxproc, TaskPlugin=task/none   no cgroups / systemd needed
 #   AuthInfo=cred_expire=10    a requeued job may start again after ~11 s instead of ~121 s
-#   MinJobAge=4                job records go a few seconds after the end
-#   JobCompType=jobcomp/filetxt  $SLURM_BASE/log/jobcomp.txt: one line per job end (state, exit
-#                              code); the tests wait on it, not on `sbatch --wait`, which can miss
-#                              the end of a requeued job and wait forever
+#   MinJobAge=4                `sbatch --wait` polls every 2 s (it backs off up to 32 s when
+#                              MinJobAge >= 5); job records go a few seconds after the end
 set -uo pipefail
 ACTION=${1:-up}
 BASE=${SLURM_BASE:-/tmp/toolkit-slurm}

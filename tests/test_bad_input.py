@@ -48,6 +48,8 @@ CASES = {
     "all texts empty": (lambda d, g: ["--train-file", write(d / "e.parquet", text=["", "  ", None, ""], label=[0, 1, 0, 1])],
                         "all 4 train texts are empty or null", "text column"),
     "bad max length": (lambda d, g: ["--train-file", g, "--max-length", "4096"], "outside 8..512", "up to 512"),
+    "cache with frozen dropout": (lambda d, g: ["--train-file", g, "--freeze", "head", "--cache-frozen", "--frozen-dropout"],
+                                  "--frozen-dropout cannot apply", "drop one of the two flags"),
     "unsupported file": (lambda d, g: ["--train-file", str((d / "x.txt").write_text("hi") and d / "x.txt")],
                          "unsupported file type", ".parquet"),
 }

@@ -255,19 +255,12 @@ STEPS_PER_EPOCH = 128 // (8 * 2)  # world size 2 in every job below
 CPU_ONLY = ["--gres=none"]  # the templates ask for GPUs; the test nodes have none
 
 
-# Final job states as the completion log (JobCompType=jobcomp/filetxt) records them; a requeued
-# job is logged as PENDING in between.
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-                "BOOT_FAIL", "DEADLINE"}
-
-
 @dataclass
 class Job:
     id: str
+    proc: subprocess.Popen  # the running `sbatch --wait`
     log: Path  # the template's --output=%x-%j.out, in the submit folder
     cluster: Cluster
-    state: str = ""  # final JobState and ExitCode, set by finish()
-    exit_code: str = ""
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -278,41 +271,31 @@ class Job:
     def cancel(self) -> None:
         subprocess.run(["scancel", self.id], env=self.cluster.env(), capture_output=True, timeout=30)
 
-    def final_record(self) -> dict | None:
-        """The job's end as slurmctld logged it (state, exit code), or None while it is not over.
-
-        Not `sbatch --wait`: after a requeue it can miss the job's end (the record is purged
-        MinJobAge seconds later) and then waits forever.
-        """
-        comp = self.cluster.base / "log" / "jobcomp.txt"
-        records = [dict(f.split("=", 1) for f in line.split() if "=" in f)
-                   for line in (comp.read_text(errors="replace").splitlines() if comp.exists() else [])]
-        done = [r for r in records if r.get("JobId") == self.id and r.get("JobState") in FINAL_STATES]
-        return done[-1] if done else None
-
     def finish(self, timeout: int = JOB_TIMEOUT, expect_ok: bool = True) -> str:
-        """Wait for the job's end (requeues included); return the log."""
-        deadline = time.monotonic() + timeout
-        while (record := self.final_record()) is None:
-            if time.monotonic() > deadline:
-                self.cancel()
-                raise AssertionError(f"job {self.id} still running after {timeout} s\n{self.tail()}")
-            time.sleep(0.5)
-        self.state, self.exit_code = record["JobState"], record.get("ExitCode", "?")
+        """Wait for `sbatch --wait` (it follows the job through requeues); return the log."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            self.proc.kill()
+            raise AssertionError(f"job {self.id} still running after {timeout} s\n{self.tail()}")
         if expect_ok:
-            assert self.state == "COMPLETED", f"job {self.id}: {self.state}, exit code {self.exit_code}\n{self.tail()}"
+            assert self.proc.returncode == 0, f"job {self.id}: sbatch --wait exited {self.proc.returncode}\n{self.tail()}"
         return self.log_text()
 
 
 def submit(cluster: Cluster, workdir: Path, template: str, sbatch_opts: list[str], args: list[str], env: dict) -> Job:
-    """sbatch a template from slurm/ as it is, from `workdir`, without waiting for it."""
+    """`sbatch --wait` a template from slurm/ as it is, from `workdir`, without waiting here."""
     workdir.mkdir(parents=True, exist_ok=True)
     job_name = re.search(r"^#SBATCH --job-name=(\S+)", (SLURM_DIR / template).read_text(), re.M).group(1)
-    cmd = ["sbatch", "--parsable", *sbatch_opts, str(SLURM_DIR / template), *args]
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and proc.stdout.strip(), f"sbatch failed ({proc.returncode}): {proc.stderr}"
-    job_id = proc.stdout.strip().split(";")[0]
-    return Job(job_id, workdir / f"{job_name}-{job_id}.out", cluster)
+    cmd = ["sbatch", "--parsable", "--wait", *sbatch_opts, str(SLURM_DIR / template), *args]
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline().strip()
+    if not first:
+        proc.wait(timeout=30)
+        raise AssertionError(f"sbatch failed: {proc.stderr.read()}")
+    job_id = first.split(";")[0]
+    return Job(job_id, proc, workdir / f"{job_name}-{job_id}.out", cluster)
 
 
 def run_template(cluster, workdir, template, sbatch_opts, args, env) -> tuple[str, str]:
@@ -402,7 +385,7 @@ def test_failed_training_is_not_requeued(slurm_cluster, tmp_path):
     job = submit(slurm_cluster, tmp_path, "single_node.sbatch", [*CPU_ONLY, "--cpus-per-task=1"],
                  ["--output-dir", str(tmp_path / "run")], slurm_cluster.env(TOOLKIT_CPU="1", TRAIN_SCRIPT=str(script)))
     log = job.finish(expect_ok=False)
-    assert job.state == "FAILED" and job.exit_code != "0:0", (job.state, job.exit_code, log)
+    assert job.proc.returncode != 0, log
     assert "failing on purpose" in log and "training failed" in log and "requeueing job" not in log
 
 
@@ -417,14 +400,14 @@ def test_usr1_checkpoints_requeues_and_resumes_mid_epoch(slurm_cluster, single_n
         #    exactly as `--signal=B:USR1@...` does before the time limit
         deadline = time.monotonic() + JOB_TIMEOUT
         while max(_logged_steps(out / "metrics.jsonl"), default=0) < 2:
-            assert job.final_record() is None, f"job ended before it could be signalled\n{job.tail()}"
+            assert job.proc.poll() is None, f"job ended before it could be signalled\n{job.tail()}"
             assert time.monotonic() < deadline, f"no training step logged\n{job.tail()}"
             time.sleep(0.1)
         subprocess.run(["scancel", "--batch", "--signal=USR1", job.id], env=env, check=True, timeout=30)
 
         # 2. the batch shell asks for a checkpoint and requeues: catch the checkpoint it stopped at
         while "requeueing job" not in job.log_text():
-            assert job.final_record() is None, f"job ended without requeueing\n{job.tail()}"
+            assert job.proc.poll() is None, f"job ended without requeueing\n{job.tail()}"
             assert time.monotonic() < deadline, f"no requeue\n{job.tail()}"
             time.sleep(0.2)
         stopped_at = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
@@ -451,7 +434,7 @@ def test_usr1_checkpoints_requeues_and_resumes_mid_epoch(slurm_cluster, single_n
     # the same weights, bit for bit (also meaningful when a tiny run predicts one class only)
     ref_files = sorted(p.relative_to(ref_out / "model") for p in (ref_out / "model").rglob("*") if p.is_file())
     assert ref_files == sorted(p.relative_to(out / "model") for p in (out / "model").rglob("*") if p.is_file())
-    # (digests, not bytes: pytest would diff two differing weight files for hours)
+    # (digests, not bytes: on a mismatch pytest would diff two weight files byte by byte for hours)
     differ = [str(n) for n in ref_files if _sha256(out / "model" / n) != _sha256(ref_out / "model" / n)]
     assert not differ, f"saved files differ from the uninterrupted run's: {differ}"
 

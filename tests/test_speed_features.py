@@ -66,9 +66,9 @@ def test_grouped_sampler_is_a_deterministic_permutation_with_less_padding(n, siz
 
 def test_train_flags_default_on_and_switch_off():
     cfg = parse_args(TrainConfig, [])
-    assert cfg.group_by_length and cfg.frozen_dropout and not cfg.cache_frozen and not cfg.compile
-    cfg = parse_args(TrainConfig, ["--no-group-by-length", "--no-frozen-dropout", "--cache-frozen", "--compile"])
-    assert not cfg.group_by_length and not cfg.frozen_dropout and cfg.cache_frozen and cfg.compile
+    assert cfg.group_by_length and not cfg.frozen_dropout and not cfg.cache_frozen and not cfg.compile
+    cfg = parse_args(TrainConfig, ["--no-group-by-length", "--frozen-dropout", "--cache-frozen", "--compile"])
+    assert not cfg.group_by_length and cfg.frozen_dropout and cfg.cache_frozen and cfg.compile
 
 
 # ---------------------------------------------------------------- FLOPs and MFU
@@ -154,7 +154,7 @@ def test_frozen_prefix_records_no_autograd_state_and_dropout_switch(minilm):
     assert outs[4].grad_fn is not None
     first3 = outs[3].clone()
     model(input_ids=ids)
-    assert not torch.equal(first3, outs[3])  # dropout still runs in the frozen part by default
+    assert not torch.equal(first3, outs[3])  # a model in train mode has dropout in its frozen part too
     assert disable_frozen_dropout(model, "last2") == 1 + 3 * 4  # embeddings + 3 per frozen block
     model(input_ids=ids)
     a3, a4 = outs[3].clone(), outs[4].clone()
@@ -276,8 +276,11 @@ def test_cache_frozen_head_trains_on_two_processes_and_saves_a_normal_model(tmp_
 
 def test_metrics_report_tokens_padding_and_flops(tmp_path, minilm, data_dir):
     out = tmp_path / "run"
-    python(*BASE, "--model", minilm, "--data-dir", data_dir, "--train-samples", "64", "--eval-samples", "24",
-           "--freeze", "last2", "--no-frozen-dropout", "--max-steps", "3", "--lr", "3e-4", "--output-dir", str(out))
+    proc = python(*BASE, "--model", minilm, "--data-dir", data_dir, "--train-samples", "64", "--eval-samples", "24",
+                  "--freeze", "last2", "--max-steps", "3", "--lr", "3e-4", "--output-dir", str(out))
+    # by default the frozen part runs without dropout: embeddings + 3 dropouts in each of 4 frozen blocks
+    assert "frozen part without dropout (13 dropout modules" in " ".join(proc.stdout.split())
+    assert read_json(out / "config.json")["frozen_dropout"] is False
     metrics = read_json(out / "metrics.json")
     for key in ("train_samples_per_s", "train_tokens_per_s", "train_padding_fraction", "eval_tokens_per_s",
                 "eval_padding_fraction", "train_model_tflops", "mfu"):

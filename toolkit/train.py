@@ -113,6 +113,9 @@ def write_predictions(path: Path, result: EvalResult) -> None:
 
 def main(cfg: TrainConfig) -> int:
     parse_policy(cfg.freeze)  # fail on a typo before loading anything
+    if cfg.cache_frozen and cfg.frozen_dropout:
+        raise ToolkitError("--cache-frozen computes the frozen part once, without dropout, so --frozen-dropout cannot apply",
+                           "drop one of the two flags")
     accelerator = setup(cfg.cpu, cfg.mixed_precision, cfg.grad_accum)
     reporter = Reporter(accelerator.is_main_process)
     env = detect()
@@ -131,8 +134,11 @@ def main(cfg: TrainConfig) -> int:
     reporter.freeze_table(summary)
     if cfg.cache_frozen:
         FrozenCache.preflight(accelerator, model, cfg.freeze, train_ds, eval_ds)
-    if not cfg.frozen_dropout:
-        reporter.print(f"--no-frozen-dropout: dropout off in {disable_frozen_dropout(model, cfg.freeze)} frozen module(s)")
+    if not cfg.frozen_dropout and cfg.freeze != "none":
+        # A frozen feature extractor runs as at inference (Keras' transfer-learning convention): its dropout
+        # only adds noise below the trained layers, and on CPU it keeps attention off the fused kernel.
+        reporter.print(f"frozen part without dropout ({disable_frozen_dropout(model, cfg.freeze)} dropout modules; "
+                       "--frozen-dropout keeps it)")
 
     out = shared_output_dir(accelerator, cfg)
     resume = ckpt.resolve_resume(cfg.resume_from, out)
