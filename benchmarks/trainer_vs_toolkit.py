@@ -253,18 +253,17 @@ def machine() -> dict:
     import torch
     import transformers
 
-    cpu = platform.processor()
+    cpu, simd = platform.processor(), []
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:  # the vector units decide CPU speed, bf16 above all (AMX / AVX512-BF16 run it natively)
-        flags = next(line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags"))
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                    if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu = info.get("model name", cpu)
+        # the vector units decide CPU speed, bf16 above all (AMX / AVX512-BF16 run it natively)
+        flags = info.get("flags", "").split()
         simd = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
-    except (OSError, StopIteration):
-        simd = []
+    except OSError:
+        pass
     return {"cpu": cpu, "simd": simd, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 

@@ -166,8 +166,8 @@ def disable_frozen_dropout(model: nn.Module, policy: str) -> int:
     Frozen parameters never change, but dropout still runs in the frozen layers in training
     mode: that is random-mask generation on every activation and, on CPU, it keeps PyTorch's
     scaled-dot-product attention on its slow "math" kernel (the fused kernel has no dropout).
-    With p=0 the frozen part computes exactly what it computes in eval mode. The default
-    (--frozen-dropout restores the seeds' behaviour); measured F1 is the same within seed noise.
+    With p=0 the frozen part computes exactly what it computes in eval mode. train.py does this
+    by default (--frozen-dropout keeps the seeds' behaviour); measured F1 is the same within seed noise.
     The module objects are untouched, so DDP / DeepSpeed wrapping and saving are unaffected.
     """
     changed = 0

@@ -134,11 +134,10 @@ def main(cfg: TrainConfig) -> int:
     reporter.freeze_table(summary)
     if cfg.cache_frozen:
         FrozenCache.preflight(accelerator, model, cfg.freeze, train_ds, eval_ds)
-    if not cfg.frozen_dropout and cfg.freeze != "none":
-        # A frozen feature extractor runs as at inference (Keras' transfer-learning convention): its dropout
-        # only adds noise below the trained layers, and on CPU it keeps attention off the fused kernel.
-        reporter.print(f"frozen part without dropout ({disable_frozen_dropout(model, cfg.freeze)} dropout modules; "
-                       "--frozen-dropout keeps it)")
+    # A frozen feature extractor runs as at inference (Keras' transfer-learning convention): its dropout
+    # only adds noise below the trained layers, and on CPU it keeps attention off the fused kernel.
+    if not cfg.frozen_dropout and (changed := disable_frozen_dropout(model, cfg.freeze)):
+        reporter.print(f"frozen part without dropout ({changed} dropout modules; --frozen-dropout keeps it)")
 
     out = shared_output_dir(accelerator, cfg)
     resume = ckpt.resolve_resume(cfg.resume_from, out)
