@@ -16,7 +16,7 @@ from .config import DataConfig, EvalConfig, save_json
 from .data import Collator, load_data_file, take_sample, build_splits, clean, make_loader, resolve_max_length, tokenize
 from .errors import ToolkitError
 from .loop import validate
-from .reporting import Reporter
+from .run_log import RunLog
 from .saved import Saved, load_saved
 from .train import shared_output_dir, setup, write_predictions
 
@@ -51,11 +51,11 @@ def main(cfg: EvalConfig) -> int:
     saved = load_saved(cfg.model)
     data = data_config(cfg, saved)
     accelerator = setup(cfg.cpu, cfg.mixed_precision)
-    reporter = Reporter(accelerator.is_main_process)
-    reporter.print(f"scoring the {saved.kind} at {saved.path}")
+    run_log = RunLog(accelerator.is_main_process)
+    run_log.print(f"scoring the {saved.kind} at {saved.path}")
     model, tokenizer = saved.model, saved.tokenizer
     with accelerator.main_process_first():  # rank 0 fills the datasets cache, the others read it
-        eval_ds = eval_split(data, reporter.print)
+        eval_ds = eval_split(data, run_log.print)
         max_length = resolve_max_length(data.max_length, tokenizer, getattr(model.config, "max_position_embeddings", None))
         eval_tok = tokenize(eval_ds, tokenizer, max_length)
     batch_size = cfg.eval_batch_size or saved.train_eval_batch_size or 32
@@ -73,6 +73,6 @@ def main(cfg: EvalConfig) -> int:
         metrics = {**result.metrics, "total_params": sum(p.numel() for p in model.parameters()),
                    "world_size": accelerator.num_processes, "model": cfg.model, "source": saved.kind}
         save_json(out / "metrics.json", metrics)
-        reporter.metrics_table(f"evaluation of {cfg.model} ({out})", metrics)
+        run_log.metrics_table(f"evaluation of {cfg.model} ({out})", metrics)
     accelerator.wait_for_everyone()
     return 0

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 
 from .metrics import classification_metrics
 from .preemption import StopRequest
-from .reporting import Reporter
+from .run_log import RunLog
 from .throughput import FlopModel, batch_stats
 
 
@@ -99,7 +99,7 @@ def _step_totals(accelerator: Accelerator, stop_flag: bool, pending: torch.Tenso
 
 def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sampler, *, state: TrainState,
         epochs: int, max_steps: int | None, max_grad_norm: float, seed: int, log_every: int,
-        checkpoint_every: int, reporter: Reporter, stop: StopRequest, evaluate, checkpoint,
+        checkpoint_every: int, run_log: RunLog, stop: StopRequest, evaluate, checkpoint,
         flop_model: FlopModel | None = None, peak_flops: float | None = None) -> str:
     """Train until the epochs or max_steps are done ("done") or a stop is requested ("preempted").
 
@@ -123,7 +123,7 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
         nonlocal clock
         state.train_runtime_s += time.perf_counter() - clock
 
-    with reporter.progress(total_steps, completed=state.global_step) as bar:
+    with run_log.progress(total_steps, completed=state.global_step) as bar:
         while state.epoch < epochs and state.global_step < total_steps:
             sampler.epoch = state.epoch
             loader = accelerator.skip_first_batches(train_loader, state.batches_done) if state.batches_done else train_loader
@@ -169,13 +169,13 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
                     if peak_flops:
                         entry["mfu"] = window_flops / elapsed / (peak_flops * accelerator.num_processes)
                         shown["mfu"] = f"{entry['mfu']:.1%}"
-                    reporter.record(entry)
+                    run_log.record(entry)
                     bar.update(0, loss=mean_loss, lr=entry["lr"], **shown)
                     window_loss, window_n, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
                     window_tokens, window_padded, window_flops = 0, 0, 0.0
                 if stop_now:
                     bank_time()
-                    reporter.print(f"[yellow]stop requested ({stop.reason()}): checkpointing at step {state.global_step}[/yellow]")
+                    run_log.print(f"[yellow]stop requested ({stop.reason()}): checkpointing at step {state.global_step}[/yellow]")
                     checkpoint(state)
                     return "preempted"
                 if checkpoint_every and state.global_step % checkpoint_every == 0:

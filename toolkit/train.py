@@ -29,7 +29,7 @@ from .loop import EvalResult, TrainState, fit, validate
 from .model import build_optimizer, load_model, load_tokenizer
 from .precision import choose_mixed_precision, device_capability
 from .preemption import PREEMPTED_EXIT_CODE, StopRequest
-from .reporting import Reporter
+from .run_log import RunLog
 from .throughput import FlopModel, device_peak_flops, disable_frozen_dropout
 
 
@@ -94,10 +94,10 @@ def shared_output_dir(accelerator: Accelerator, cfg) -> Path:
     return Path(names[0])
 
 
-def prepare_data(accelerator, cfg_data, tokenizer, model_max_positions, reporter, need_train=True):
+def prepare_data(accelerator, cfg_data, tokenizer, model_max_positions, run_log, need_train=True):
     """Splits, validated and tokenized; rank 0 first so the others read its cache."""
     with accelerator.main_process_first():
-        train_ds, eval_ds = build_splits(cfg_data, log=reporter.print)
+        train_ds, eval_ds = build_splits(cfg_data, log=run_log.print)
         max_length = resolve_max_length(cfg_data.max_length, tokenizer, model_max_positions)
         train_tok = tokenize(train_ds, tokenizer, max_length) if need_train else None
         eval_tok = tokenize(eval_ds, tokenizer, max_length)
@@ -117,9 +117,9 @@ def main(cfg: TrainConfig) -> int:
         raise ToolkitError("--cache-frozen computes the frozen part once, without dropout, so --frozen-dropout cannot apply",
                            "drop one of the two flags")
     accelerator = setup(cfg.cpu, cfg.mixed_precision, cfg.grad_accum)
-    reporter = Reporter(accelerator.is_main_process)
+    run_log = RunLog(accelerator.is_main_process)
     env = detect()
-    reporter.print(f"[bold]world[/bold] {accelerator.num_processes} process(es) on {accelerator.device}, "
+    run_log.print(f"[bold]world[/bold] {accelerator.num_processes} process(es) on {accelerator.device}, "
                    f"{accelerator.distributed_type}, mixed precision {accelerator.mixed_precision}; {env.describe()}")
     set_seed(cfg.seed)
 
@@ -129,15 +129,15 @@ def main(cfg: TrainConfig) -> int:
     model = load_model(cfg.model, cfg.data.num_labels, preset.label_names if not cfg.data.train_file else None)
     summary = apply_freeze(model, cfg.freeze)
     train_ds, eval_ds, max_length = prepare_data(accelerator, cfg.data, tokenizer,
-                                                 getattr(model.config, "max_position_embeddings", None), reporter)
-    reporter.print(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples, max length {max_length}")
-    reporter.freeze_table(summary)
+                                                 getattr(model.config, "max_position_embeddings", None), run_log)
+    run_log.print(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples, max length {max_length}")
+    run_log.freeze_table(summary)
     if cfg.cache_frozen:
         FrozenCache.preflight(accelerator, model, cfg.freeze, train_ds, eval_ds)
     # A frozen feature extractor runs as at inference (Keras' transfer-learning convention): its dropout
     # only adds noise below the trained layers, and on CPU it keeps attention off the fused kernel.
     if not cfg.frozen_dropout and (changed := disable_frozen_dropout(model, cfg.freeze)):
-        reporter.print(f"frozen part without dropout ({changed} dropout modules; --frozen-dropout keeps it)")
+        run_log.print(f"frozen part without dropout ({changed} dropout modules; --frozen-dropout keeps it)")
 
     out = shared_output_dir(accelerator, cfg)
     resume = ckpt.resolve_resume(cfg.resume_from, out)
@@ -148,7 +148,7 @@ def main(cfg: TrainConfig) -> int:
             "max_length": max_length, "world_size": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision, "train_examples": len(train_ds),
             "eval_examples": len(eval_ds), "distributed_type": str(accelerator.distributed_type)}})
-    reporter.log_path = out / "metrics.jsonl"
+    run_log.log_path = out / "metrics.jsonl"
 
     # ---- model, optimizer, data, schedule, all wrapped by Accelerate
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -157,7 +157,7 @@ def main(cfg: TrainConfig) -> int:
     eval_batch_size = cfg.eval_batch_size or 2 * cfg.batch_size
     cache = None
     if cfg.cache_frozen:  # the frozen part runs once here; the loaders then carry its outputs
-        cache = FrozenCache.build(accelerator, model, cfg.freeze, train_ds, eval_ds, collator, eval_batch_size, reporter.print)
+        cache = FrozenCache.build(accelerator, model, cfg.freeze, train_ds, eval_ds, collator, eval_batch_size, run_log.print)
         train_loader = cache.loader("train", cfg.batch_size, cfg.seed, cfg.group_by_length, cfg.num_workers)
         eval_loader = cache.loader("eval", eval_batch_size, cfg.seed, num_workers=cfg.num_workers)
     else:
@@ -180,7 +180,7 @@ def main(cfg: TrainConfig) -> int:
         example.pop("idx")
         unused = unused_trainable_parameters(model, example)
         if unused:
-            reporter.print(f"[yellow]DDP: {len(unused)} trainable parameters are unused in the forward "
+            run_log.print(f"[yellow]DDP: {len(unused)} trainable parameters are unused in the forward "
                            f"({unused[:3]}...): find_unused_parameters=True[/yellow]")
             accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -202,7 +202,7 @@ def main(cfg: TrainConfig) -> int:
                                f"this run has {accelerator.num_processes}", "resume with the same number of processes")
         accelerator.load_state(str(resume))
         state = TrainState(**progress["state"])
-        reporter.print(f"[green]resumed from {resume}: epoch {state.epoch}, step {state.global_step}, "
+        run_log.print(f"[green]resumed from {resume}: epoch {state.epoch}, step {state.global_step}, "
                        f"{state.batches_done} batches into the epoch[/green]")
     if cache is not None:
         state.train_runtime_s += cache.train_seconds  # it replaced the frozen part's forward passes
@@ -213,21 +213,21 @@ def main(cfg: TrainConfig) -> int:
         if state.global_step in last_eval:
             return last_eval[state.global_step]
         result = last_eval[state.global_step] = validate(accelerator, model, eval_loader, cfg.data.num_labels, len(eval_ds))
-        reporter.record({"epoch": epoch, "step": state.global_step, **{f"eval_{k}" if not k.startswith("eval") else k: v
+        run_log.record({"epoch": epoch, "step": state.global_step, **{f"eval_{k}" if not k.startswith("eval") else k: v
                                                                        for k, v in result.metrics.items()}})
-        reporter.print(f"epoch {epoch}: f1 {result.metrics['f1']:.4f} accuracy {result.metrics['accuracy']:.4f} "
+        run_log.print(f"epoch {epoch}: f1 {result.metrics['f1']:.4f} accuracy {result.metrics['accuracy']:.4f} "
                        f"eval loss {result.metrics['eval_loss']:.4f}")
         return result
 
     stop = StopRequest(cfg.stop_file).install()
     status = fit(accelerator, model, optimizer, scheduler, train_loader, sampler, state=state, epochs=cfg.epochs,
                  max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, log_every=cfg.log_every,
-                 checkpoint_every=cfg.checkpoint_every, reporter=reporter, stop=stop, evaluate=evaluate,
+                 checkpoint_every=cfg.checkpoint_every, run_log=run_log, stop=stop, evaluate=evaluate,
                  checkpoint=lambda s: ckpt.save_checkpoint(
                      accelerator, out, {"state": s.to_dict(), "config": cfg.to_dict()}, cfg.keep_checkpoints),
                  flop_model=flop_model, peak_flops=peak_flops)
     if status == "preempted":
-        reporter.print(f"[yellow]checkpoint saved; exiting with {PREEMPTED_EXIT_CODE} so the job can be requeued[/yellow]")
+        run_log.print(f"[yellow]checkpoint saved; exiting with {PREEMPTED_EXIT_CODE} so the job can be requeued[/yellow]")
         return PREEMPTED_EXIT_CODE
 
     # ---- final outputs (the eval is cheap next to training and makes the files self-consistent)
@@ -257,6 +257,6 @@ def main(cfg: TrainConfig) -> int:
             "freeze": cfg.freeze,
         }
         save_json(out / "metrics.json", metrics)
-        reporter.metrics_table(f"final metrics ({out})", metrics)
+        run_log.metrics_table(f"final metrics ({out})", metrics)
     accelerator.wait_for_everyone()
     return 0

@@ -14,8 +14,8 @@ from rich.table import Table
 from .freeze import FreezeSummary
 
 
-class Reporter:
-    """Prints only on the main process, so N ranks do not print N copies."""
+class RunLog:
+    """What a run shows (rank 0 only, so N ranks do not print N copies) and records in metrics.jsonl."""
 
     def __init__(self, is_main: bool, log_path: Path | None = None):
         self.is_main = is_main
