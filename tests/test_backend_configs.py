@@ -155,17 +155,41 @@ def test_deepspeed_yaml_builds_accelerates_deepspeed_plugin(name, monkeypatch):
     assert plugin.zero3_save_16bit_model is (stage == 3)
 
 
-def test_fsdp_yaml_builds_accelerates_fsdp_plugin_and_wraps_bert_layers(monkeypatch):
+def _tiny_classifier(kind: str):
+    from transformers import (BertConfig, BertForSequenceClassification, DebertaV2Config, DebertaV2ForSequenceClassification,
+                              DistilBertConfig, DistilBertForSequenceClassification, ModernBertConfig,
+                              ModernBertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
+
+    common = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_hidden_layers=2)
+    if kind == "bert":
+        return BertForSequenceClassification(BertConfig(**common))
+    if kind == "roberta":
+        return RobertaForSequenceClassification(RobertaConfig(**common))
+    if kind == "distilbert":
+        return DistilBertForSequenceClassification(DistilBertConfig(n_layers=2, dim=32, n_heads=2, hidden_dim=64, vocab_size=100))
+    if kind == "deberta-v2":
+        return DebertaV2ForSequenceClassification(DebertaV2Config(relative_attention=True, position_buckets=16, **common))
+    return ModernBertForSequenceClassification(ModernBertConfig(global_attn_every_n_layers=2, pad_token_id=0, **common))
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert", "deberta-v2", "modernbert"])
+def test_fsdp_yaml_builds_accelerates_fsdp_plugin_and_wraps_each_block(monkeypatch, kind):
+    """fsdp.yaml names no layer class: Accelerate wraps what the model lists in _no_split_modules,
+    so every supported architecture gets one FSDP unit per encoder block (a hard-coded BertLayer
+    made Accelerate raise for all but BERT)."""
     from accelerate.utils import FullyShardedDataParallelPlugin, patch_environment
     from accelerate.utils.launch import prepare_multi_gpu_env
     from torch.distributed.fsdp import ShardingStrategy, StateDictType
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-    from transformers import BertConfig, BertForSequenceClassification
+
+    from toolkit.freeze import find_blocks
+    from toolkit.model import fsdp_wrap_classes
 
     args, _, _ = _launch_args("fsdp.yaml", monkeypatch)
     assert args.use_fsdp and not args.cpu
     env = prepare_multi_gpu_env(args)
     assert env["ACCELERATE_USE_FSDP"] == "true"
+    assert "FSDP_TRANSFORMER_CLS_TO_WRAP" not in env
     # rank 0's weights are broadcast at wrap time; the plugin looks up the GPU for that, so build it
     # without the broadcast on a GPU-less test machine
     assert env["FSDP_SYNC_MODULE_STATES"] == "true"
@@ -176,14 +200,19 @@ def test_fsdp_yaml_builds_accelerates_fsdp_plugin_and_wraps_bert_layers(monkeypa
     assert plugin.sharding_strategy == ShardingStrategy.FULL_SHARD
     assert plugin.use_orig_params is True  # frozen and trainable parameters in one flat unit
     assert plugin.auto_wrap_policy is transformer_auto_wrap_policy
-    assert plugin.transformer_cls_names_to_wrap == ["BertLayer"]
+    assert plugin.transformer_cls_names_to_wrap is None
     assert plugin.cpu_offload.offload_params is False
     assert plugin.state_dict_type == StateDictType.FULL_STATE_DICT
-    # the class name resolves on a real BERT (Accelerate raises if it is not found)
-    tiny = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
-                                                    num_attention_heads=2, intermediate_size=32))
-    plugin.set_auto_wrap_policy(tiny)
-    assert callable(plugin.auto_wrap_policy)
+    model = _tiny_classifier(kind)
+    # what toolkit.train does before prepare(): the model's _no_split_modules, or its block class where
+    # transformers lists none (DistilBERT, DeBERTa-v2)
+    plugin.transformer_cls_names_to_wrap = fsdp_wrap_classes(model)
+    assert plugin.transformer_cls_names_to_wrap == (sorted(model._no_split_modules) or [type(find_blocks(model)[1][0]).__name__])
+    plugin.set_auto_wrap_policy(model)  # Accelerate raises here for a class name the model does not have
+    _, blocks = find_blocks(model)
+    policy = plugin.auto_wrap_policy
+    assert all(policy(module=block, recurse=False, nonwrapped_numel=0) for block in blocks)
+    assert not policy(module=model, recurse=False, nonwrapped_numel=0)
 
 
 # ---------------------------------------------------------------- DeepSpeed JSON files

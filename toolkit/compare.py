@@ -123,7 +123,7 @@ def main(cfg: CompareConfig) -> int:
         raise ToolkitError(f"compare resumes each policy from its own folder, not from {cfg.resume_from}",
                            "pass --resume-from auto (or nothing) together with the same --output-dir")
     base = TrainConfig(**{f.name: copy.deepcopy(getattr(cfg, f.name)) for f in dataclasses.fields(TrainConfig)})
-    accelerator = setup(cfg.cpu, cfg.mixed_precision, cfg.grad_accum)
+    accelerator = setup(cfg.cpu, cfg.mixed_precision, cfg.grad_accum, cfg.dist_timeout, cfg.tf32)
     out = shared_output_dir(accelerator, cfg)
     runs = {policy: run_config(base, policy, out) for policy in policies}
     decisions = [_plan_or_error(out, runs, accelerator.num_processes) if accelerator.is_main_process else None]

@@ -36,6 +36,8 @@ class DataConfig:
     eval_samples: Optional[int] = _opt(None, "number of evaluation examples (default: the preset's)")
     max_length: Optional[int] = _opt(None, "truncate to this many tokens (default: the model's maximum)")
     data_seed: int = _opt(42, "seed for subset sampling and splits (the seed recipe uses 42)")
+    data_timeout: float = _opt(6 * 3600, "seconds the other processes wait for rank 0 to load and tokenize the data "
+                                         "(on a gloo group of its own, apart from --dist-timeout)")
 
 
 @dataclass
@@ -54,6 +56,9 @@ class TrainConfig:
     mixed_precision: Optional[str] = _opt(None, "no | fp16 | bf16 (default: the accelerate config, else chosen for the device)")
     seed: int = _opt(42, "seed for initialisation, dropout and data order")
     cpu: bool = _opt(False, "run on CPU even if a GPU is visible (automatic when none is)")
+    tf32: bool = _opt(True, "fp32 matmuls on TF32 tensor cores on GPUs with compute capability >= 8.0 (--no-tf32: full fp32)")
+    dist_timeout: float = _opt(1800, "seconds a collective may wait for the other processes before the run fails "
+                                     "(the process group's timeout; the data phase has --data-timeout)")
     output_dir: Optional[str] = _opt(None, "run folder (default: runs/<task>-<freeze>-<time>)")
     resume_from: Optional[str] = _opt(None, "checkpoint folder, or 'auto' for the newest one in --output-dir")
     checkpoint_every: int = _opt(0, "also checkpoint every N optimizer steps (0: only at the end of each epoch)")
@@ -88,6 +93,8 @@ class EvalConfig:
     eval_batch_size: Optional[int] = _opt(None, "evaluation batch size per device (default: the run's, else 32)")
     mixed_precision: Optional[str] = _opt(None, "no | fp16 | bf16")
     cpu: bool = _opt(False, "run on CPU even if a GPU is visible")
+    tf32: bool = _opt(True, "fp32 matmuls on TF32 tensor cores on GPUs with compute capability >= 8.0 (--no-tf32: full fp32)")
+    dist_timeout: float = _opt(1800, "seconds a collective may wait for the other processes (process-group timeout)")
     seed: int = _opt(42, "seed")
     output_dir: Optional[str] = _opt(None, "where metrics.json and predictions.csv go (default: runs/eval-<task>-<time>)")
     data: DataConfig = field(default_factory=DataConfig)

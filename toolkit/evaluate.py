@@ -13,6 +13,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from .config import DataConfig, EvalConfig, save_json
+from .distributed import main_process_first
 from .data import Collator, load_data_file, take_sample, build_splits, clean, make_loader, resolve_max_length, tokenize
 from .errors import ToolkitError
 from .loop import validate
@@ -50,11 +51,11 @@ def data_config(cfg: EvalConfig, saved: Saved) -> DataConfig:
 def main(cfg: EvalConfig) -> int:
     saved = load_saved(cfg.model)
     data = data_config(cfg, saved)
-    accelerator = setup(cfg.cpu, cfg.mixed_precision)
+    accelerator = setup(cfg.cpu, cfg.mixed_precision, dist_timeout_s=cfg.dist_timeout, tf32=cfg.tf32)
     run_log = RunLog(accelerator.is_main_process)
     run_log.print(f"scoring the {saved.kind} at {saved.path}")
     model, tokenizer = saved.model, saved.tokenizer
-    with accelerator.main_process_first():  # rank 0 fills the datasets cache, the others read it
+    with main_process_first(accelerator, cfg.data.data_timeout):  # rank 0 fills the datasets cache, the others read it
         eval_ds = eval_split(data, run_log.print)
         max_length = resolve_max_length(data.max_length, tokenizer, getattr(model.config, "max_position_embeddings", None))
         eval_tok = tokenize(eval_ds, tokenizer, max_length)

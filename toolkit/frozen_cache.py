@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .data import EpochBatchSampler
+from .distributed import gather_objects
 from .errors import ToolkitError
 from .freeze import find_blocks, parse_policy
 
@@ -65,10 +66,16 @@ def _restore(module: nn.Module) -> None:
     module.__dict__.pop("forward", None)
 
 
-def _embeddings_passthrough(*args, inputs_embeds=None, **kwargs):
-    if inputs_embeds is None:
-        raise RuntimeError("--cache-frozen: the model was called without cached features (inputs_embeds)")
-    return inputs_embeds
+def _embeddings_passthrough(module: nn.Module):
+    def forward(*args, inputs_embeds=None, **kwargs):
+        if inputs_embeds is None:
+            raise RuntimeError("--cache-frozen: the model was called without cached features (inputs_embeds)")
+        # The cache is fp32. Under autocast the weights stay fp32 and this is a no-op; DeepSpeed instead casts
+        # the weights themselves to bf16/fp16 (no autocast), and the first block would meet fp32 inputs.
+        # Looked up per call: DeepSpeed and FSDP replace or re-view the parameters after the cache is built.
+        return inputs_embeds.to(next(module.parameters()).dtype)
+
+    return forward
 
 
 def _block_passthrough(hidden_states, *args, **kwargs):
@@ -236,9 +243,7 @@ class FrozenCache:
         finally:
             handle.remove()
         if accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            out = gather_object(out)
+            out = gather_objects(accelerator, out)  # through host memory: over NCCL it would all sit on the GPU
         feats: list[torch.Tensor | None] = [None] * len(ds)
         for i, feat in out:
             feats[i] = feat
@@ -250,7 +255,7 @@ class FrozenCache:
 
     def _patch(self, frozen_blocks: int) -> None:
         base = self.model.base_model
-        _short_circuit(base.embeddings, _embeddings_passthrough)
+        _short_circuit(base.embeddings, _embeddings_passthrough(base.embeddings))
         self._patched.append(base.embeddings)
         _, blocks = find_blocks(self.model)
         for block in list(blocks)[:frozen_blocks]:

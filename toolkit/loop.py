@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from .metrics import classification_metrics
 from .preemption import StopRequest
@@ -97,6 +98,18 @@ def _step_totals(accelerator: Accelerator, stop_flag: bool, pending: torch.Tenso
     return totals[0] > 0, totals[1:]
 
 
+def clip_parameters(accelerator: Accelerator, model) -> list:
+    """What to hand accelerator.clip_grad_norm_: the trainable parameters, or under FSDP all of them.
+
+    Accelerate uses FSDP's own clip (norm over all shards, one unscale) only when given exactly
+    model.parameters(); any other list falls through to a per-shard clip after a second unscale
+    (accelerate/accelerator.py, clip_grad_norm_). Frozen parameters have no grad, so they add nothing.
+    """
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return list(model.parameters())
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sampler, *, state: TrainState,
         epochs: int, max_steps: int | None, max_grad_norm: float, seed: int, log_every: int,
         checkpoint_every: int, run_log: RunLog, stop: StopRequest, evaluate, checkpoint,
@@ -111,7 +124,7 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
     accum = accelerator.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_loader) / accum)
     total_steps = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = clip_parameters(accelerator, model)
     model.train()
     window_loss, window_n, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
     window_tokens, window_padded, window_flops = 0, 0, 0.0

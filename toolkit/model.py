@@ -66,3 +66,15 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
         raise ToolkitError("the freeze policy left no trainable parameters", "use --freeze head, lastN or none")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def fsdp_wrap_classes(model: nn.Module) -> list[str]:
+    """The classes FSDP makes one unit each: the model's _no_split_modules, else the class of its blocks.
+
+    Accelerate falls back to _no_split_modules when the config names no class, but DistilBERT and
+    DeBERTa-v2 list none (transformers 5): the whole model would be a single unit, gathered at once.
+    """
+    from .freeze import find_blocks
+
+    listed = sorted(getattr(model, "_no_split_modules", None) or [])
+    return listed or sorted({type(block).__name__ for block in find_blocks(model)[1]})

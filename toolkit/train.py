@@ -15,25 +15,29 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.commands.config.config_args import default_config_file as accelerate_default_config_file
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list, set_seed
 from transformers import get_linear_schedule_with_warmup
 
 from . import checkpoint as ckpt
 from .cluster import detect, export_torch_distributed_env
 from .config import TrainConfig, save_json
+from .distributed import DEFAULT_DIST_TIMEOUT_S, main_process_first, process_group_kwargs
 from .data import Collator, build_splits, get_preset, make_loader, resolve_max_length, tokenize
 from .errors import ToolkitError
 from .freeze import apply_freeze, parse_policy
 from .frozen_cache import FrozenCache
 from .loop import EvalResult, TrainState, fit, validate
-from .model import build_optimizer, load_model, load_tokenizer
-from .precision import choose_mixed_precision, device_capability
+from .model import build_optimizer, fsdp_wrap_classes, load_model, load_tokenizer
+from .precision import (device_capability, enable_tf32, has_kernels, launcher_command_line, resolve_mixed_precision,
+                        tf32_applies)
 from .preemption import PREEMPTED_EXIT_CODE, StopRequest
 from .run_log import RunLog
 from .throughput import FlopModel, device_peak_flops, disable_frozen_dropout
 
 
-def setup(cpu: bool, mixed_precision: str | None, grad_accum: int = 1) -> Accelerator:
+def setup(cpu: bool, mixed_precision: str | None, grad_accum: int = 1, dist_timeout_s: float = DEFAULT_DIST_TIMEOUT_S,
+          tf32: bool = True) -> Accelerator:
     """The Accelerator for this process; the launcher (or SLURM, or nothing) decides the world."""
     export_torch_distributed_env(detect())
     cpu = cpu or not torch.cuda.is_available()
@@ -41,14 +45,18 @@ def setup(cpu: bool, mixed_precision: str | None, grad_accum: int = 1) -> Accele
     # cpu`); with cpu=True a DeepSpeed config silently becomes plain DDP. Without a GPU DeepSpeed runs on its
     # CPU accelerator by itself, over the gloo group below.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if mixed_precision is None:
-        # The launcher's value (an accelerate config's mixed_precision) is checked like a flag. A DeepSpeed
-        # config cannot carry one (Accelerate refuses it next to a deepspeed_config_file), so there "no" is
-        # only the launcher's default: pick for the device, as with plain `python`.
-        mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
-        if mixed_precision is None or (deepspeed and mixed_precision == "no"):
-            mixed_precision = "auto"
-    mixed_precision = choose_mixed_precision(mixed_precision, None if cpu else device_capability())
+    capability = None if cpu else device_capability()
+    if capability is not None and not has_kernels(capability, torch.cuda.get_arch_list()):
+        raise ToolkitError(
+            f"this torch build (CUDA {torch.version.cuda}) has no kernels for {torch.cuda.get_device_name()} "
+            f"(sm_{capability[0]}{capability[1]}); it has {' '.join(torch.cuda.get_arch_list())}",
+            "install a torch build that lists this GPU's architecture in torch.cuda.get_arch_list() "
+            "(V100, sm_70: the CUDA 12.6 wheels; see README, Back-ends)")
+    # `accelerate launch` exports ACCELERATE_MIXED_PRECISION=no also when nobody asked for it: its own
+    # command line says whether "no" was a choice (resolve_mixed_precision).
+    launcher = launcher_command_line() if "ACCELERATE_MIXED_PRECISION" in os.environ else None
+    mixed_precision, why = resolve_mixed_precision(mixed_precision, os.environ, launcher, capability,
+                                                   Path(accelerate_default_config_file))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         cpu=cpu and not deepspeed,
@@ -57,15 +65,18 @@ def setup(cpu: bool, mixed_precision: str | None, grad_accum: int = 1) -> Accele
         # The loop steps the scheduler once per optimizer step, so its length is simply the
         # number of optimizer steps (Accelerate's default would step it once per process).
         step_scheduler_with_optimizer=False,
-        # gloo: the only backend torch.distributed has on CPU, where DeepSpeed would otherwise ask for NCCL.
-        # (Only for a real group: a backend given to a single process makes Accelerate expect one.)
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu and launched > 1 else [],
+        kwargs_handlers=process_group_kwargs(cpu, launched, dist_timeout_s),
     )
     if launched != accelerator.num_processes:
         raise ToolkitError(
             f"the launcher started {launched} processes but they formed a group of {accelerator.num_processes}",
             "on CPU-only machines pass --cpu (or set ACCELERATE_USE_CPU=true) so the processes join one gloo group",
         )
+    tf32 = tf32_applies(tf32, capability)
+    if tf32:
+        enable_tf32()
+    accelerator.print(f"mixed precision {mixed_precision} ({why}); TF32 matmuls {'on' if tf32 else 'off'}"
+                      + (f"; process-group timeout {dist_timeout_s:g} s" if launched > 1 else ""))
     return accelerator
 
 
@@ -96,7 +107,8 @@ def shared_output_dir(accelerator: Accelerator, cfg) -> Path:
 
 def prepare_data(accelerator, cfg_data, tokenizer, model_max_positions, run_log, need_train=True):
     """Splits, validated and tokenized; rank 0 first so the others read its cache."""
-    with accelerator.main_process_first():
+    # on a gloo group of its own, with a timeout for the data phase (--data-timeout), not the main group's
+    with main_process_first(accelerator, cfg_data.data_timeout):
         train_ds, eval_ds = build_splits(cfg_data, log=run_log.print)
         max_length = resolve_max_length(cfg_data.max_length, tokenizer, model_max_positions)
         train_tok = tokenize(train_ds, tokenizer, max_length) if need_train else None
@@ -116,7 +128,7 @@ def main(cfg: TrainConfig) -> int:
     if cfg.cache_frozen and cfg.frozen_dropout:
         raise ToolkitError("--cache-frozen computes the frozen part once, without dropout, so --frozen-dropout cannot apply",
                            "drop one of the two flags")
-    accelerator = setup(cfg.cpu, cfg.mixed_precision, cfg.grad_accum)
+    accelerator = setup(cfg.cpu, cfg.mixed_precision, cfg.grad_accum, cfg.dist_timeout, cfg.tf32)
     run_log = RunLog(accelerator.is_main_process)
     env = detect()
     run_log.print(f"[bold]world[/bold] {accelerator.num_processes} process(es) on {accelerator.device}, "
@@ -166,8 +178,6 @@ def main(cfg: TrainConfig) -> int:
         eval_loader = make_loader(eval_ds, collator, eval_batch_size, cfg.seed, train=False, num_workers=cfg.num_workers)
     flop_model = FlopModel.from_model(model, cfg.freeze, cached_prefix=cache is not None)
     peak_flops = device_peak_flops(accelerator.device, accelerator.mixed_precision)
-    if cfg.compile:
-        model.compile(dynamic=True)  # in place: parameter names, checkpoints and saving are unchanged
     sampler = train_loader.batch_sampler
     per_rank_batches = math.ceil(len(train_loader) / accelerator.num_processes)
     total_steps = math.ceil(per_rank_batches / cfg.grad_accum) * cfg.epochs
@@ -191,6 +201,10 @@ def main(cfg: TrainConfig) -> int:
         for key, value in (("train_micro_batch_size_per_gpu", cfg.batch_size), ("gradient_clipping", cfg.max_grad_norm)):
             if ds_config.get(key, "auto") == "auto":
                 ds_config[key] = value
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap is None:
+        accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = fsdp_wrap_classes(model)  # one unit per block
+    if cfg.compile:  # after the probe above, which runs on the host: compiling there would compile for the CPU first
+        model.compile(dynamic=True)  # in place: parameter names, checkpoints and saving are unchanged
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
 
