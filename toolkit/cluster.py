@@ -246,6 +246,20 @@ def detect(environ: Mapping[str, str] | None = None) -> ClusterEnv:
     )
 
 
+def device_ordinal(local_rank: int, cuda_visible_devices: str | None) -> int:
+    """The GPU a task uses, as an index into the GPUs it can see.
+
+    Accelerate and DeepSpeed open `cuda:LOCAL_RANK`. With `srun --gpus-per-task=1` (or
+    `--gpu-bind=single:1`) SLURM gives each task its own CUDA_VISIBLE_DEVICES with one GPU, so
+    SLURM_LOCALID 3 would name a device that does not exist there; the task's GPU is then 0.
+    Tasks that see all of the node's GPUs keep SLURM_LOCALID.
+    """
+    visible = [d for d in (cuda_visible_devices or "").split(",") if d.strip()]
+    if not visible or cuda_visible_devices == "NoDevFiles" or local_rank < len(visible):
+        return local_rank
+    return local_rank % len(visible)
+
+
 def export_torch_distributed_env(env: ClusterEnv | None = None, environ: dict | None = None) -> None:
     """Fill RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT from SLURM.
 
@@ -261,7 +275,7 @@ def export_torch_distributed_env(env: ClusterEnv | None = None, environ: dict | 
     values = {
         "RANK": env.rank,
         "WORLD_SIZE": env.world_size,
-        "LOCAL_RANK": env.local_rank,
+        "LOCAL_RANK": device_ordinal(env.local_rank, target.get("CUDA_VISIBLE_DEVICES")),
         "LOCAL_WORLD_SIZE": local_world or max(1, env.world_size // max(1, env.num_nodes)),
         "NODE_RANK": env.node_rank,
         "MASTER_ADDR": env.master_addr or "127.0.0.1",

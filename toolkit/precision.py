@@ -163,8 +163,9 @@ def tf32_applies(enabled: bool, capability: tuple[int, int] | None) -> bool:
 def enable_tf32() -> None:
     # The fp32 matmuls outside autocast (and all of them with --mixed-precision no) run on TF32
     # tensor cores: 10-bit mantissa products, fp32 accumulation; what HF Trainer's --tf32 does.
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    # Not `matmul.fp32_precision = "tf32"`: after the new API, reading the legacy allow_tf32 (throughput.py,
+    # accelerate/state.py) raises "mix of the legacy and new APIs"; this one keeps both readable.
+    torch.set_float32_matmul_precision("high")
 
 
 def has_kernels(capability: tuple[int, int], arch_list: list[str]) -> bool:
