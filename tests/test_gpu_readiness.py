@@ -12,14 +12,13 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, accelerate_launch, read_json, run_cmd
+from conftest import ROOT, read_json, run_cmd
 from toolkit.errors import ToolkitError
 from toolkit.precision import has_kernels, launcher_choice, resolve_mixed_precision, tf32_applies
 
