@@ -21,12 +21,13 @@ from transformers import get_linear_schedule_with_warmup
 from . import checkpoint as ckpt
 from .cluster import detect, export_torch_distributed_env
 from .config import TrainConfig, save_json
-from .data import Collator, build_splits, get_preset, make_loader, resolve_max_length, tokenize
+from .data import Collator, build_splits, make_loader, resolve_max_length, tokenize
 from .errors import ToolkitError
 from .freeze import apply_freeze, parse_policy
 from .frozen_cache import FrozenCache
 from .loop import EvalResult, TrainState, fit, validate
-from .model import build_optimizer, load_model, load_tokenizer
+from .metrics import f1_average
+from .model import build_optimizer, load_model, load_tokenizer, max_positions
 from .precision import choose_mixed_precision, device_capability
 from .preemption import PREEMPTED_EXIT_CODE, StopRequest
 from .run_log import RunLog
@@ -99,8 +100,8 @@ def prepare_data(accelerator, cfg_data, tokenizer, model_max_positions, run_log,
     with accelerator.main_process_first():
         train_ds, eval_ds = build_splits(cfg_data, log=run_log.print)
         max_length = resolve_max_length(cfg_data.max_length, tokenizer, model_max_positions)
-        train_tok = tokenize(train_ds, tokenizer, max_length) if need_train else None
-        eval_tok = tokenize(eval_ds, tokenizer, max_length)
+        train_tok = tokenize(train_ds, tokenizer, max_length, cfg_data.num_proc) if need_train else None
+        eval_tok = tokenize(eval_ds, tokenizer, max_length, cfg_data.num_proc)
     return train_tok, eval_tok, max_length
 
 
@@ -124,12 +125,11 @@ def main(cfg: TrainConfig) -> int:
     set_seed(cfg.seed)
 
     # ---- inputs: everything that can be wrong is checked here, before any output
-    preset = get_preset(cfg.data.task)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, cfg.data.num_labels, preset.label_names if not cfg.data.train_file else None)
+    # The data decide the classes (num_labels, label names), so the model is built after them.
+    train_ds, eval_ds, max_length = prepare_data(accelerator, cfg.data, tokenizer, max_positions(cfg.model), run_log)
+    model = load_model(cfg.model, cfg.data.num_labels, cfg.data.label_names)
     summary = apply_freeze(model, cfg.freeze)
-    train_ds, eval_ds, max_length = prepare_data(accelerator, cfg.data, tokenizer,
-                                                 getattr(model.config, "max_position_embeddings", None), run_log)
     run_log.print(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples, max length {max_length}")
     run_log.freeze_table(summary)
     if cfg.cache_frozen:
@@ -212,7 +212,8 @@ def main(cfg: TrainConfig) -> int:
     def evaluate(epoch: int) -> EvalResult:
         if state.global_step in last_eval:
             return last_eval[state.global_step]
-        result = last_eval[state.global_step] = validate(accelerator, model, eval_loader, cfg.data.num_labels, len(eval_ds))
+        result = last_eval[state.global_step] = validate(accelerator, model, eval_loader, cfg.data.num_labels, len(eval_ds),
+                                                        cfg.data.label_names)
         run_log.record({"epoch": epoch, "step": state.global_step, **{f"eval_{k}" if not k.startswith("eval") else k: v
                                                                        for k, v in result.metrics.items()}})
         run_log.print(f"epoch {epoch}: f1 {result.metrics['f1']:.4f} accuracy {result.metrics['accuracy']:.4f} "
@@ -239,6 +240,7 @@ def main(cfg: TrainConfig) -> int:
         write_predictions(out / "predictions.csv", result)
         metrics = {
             **result.metrics,
+            "f1_average": f1_average(cfg.data.num_labels),
             "train_runtime_s": state.train_runtime_s,
             "train_samples_per_s": state.samples_seen / state.train_runtime_s if state.train_runtime_s else 0.0,
             "train_samples": state.samples_seen,
