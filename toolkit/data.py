@@ -97,7 +97,7 @@ def load_data_file(path: Path, encoding: str = "utf-8", cache_dir: str | None = 
     finally:
         datasets.logging.set_verbosity(verbosity)
     if len(ds) == 0:
-        raise ToolkitError(f"data file {path} has no rows (only a header)", "add rows to the file, or pass another file")
+        raise ToolkitError(f"data file {path} has no rows", "add rows to the file (below its header), or pass another file")
     return ds
 
 
@@ -131,7 +131,7 @@ def _read_error(path: Path, fmt: str, encoding: str, exc: BaseException) -> Tool
         if isinstance(err, UnicodeError):
             return _encoding_error(path, encoding, err)
         if "corresponds to no data" in str(err) or isinstance(err, StopIteration) or type(err).__name__ == "EmptyDataError":
-            return ToolkitError(f"data file {path} has no rows", "add a header and rows to the file, or pass another file")
+            return ToolkitError(f"data file {path} has no rows", "add rows to the file (below its header), or pass another file")
     detail = next((f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" for e in reversed(chain) if str(e)), type(exc).__name__)
     what = {"json": "JSON / JSON Lines (one object per line)", "csv": "CSV", "parquet": "Parquet"}[fmt]
     return ToolkitError(f"could not read {path} as {what}: {detail}",

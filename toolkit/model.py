@@ -51,6 +51,12 @@ def load_model(name: str, num_labels: int, label_names: list[str] | tuple[str, .
         )
     except (OSError, ValueError) as exc:
         raise _hub_error(name, exc) from exc
+    except RuntimeError as exc:
+        if "mismatch" not in str(exc).lower():
+            raise
+        raise ToolkitError(f"model '{name}' already has a classification head of another size than the "
+                           f"{num_labels} classes of the data", "start from its base encoder, or pass --num-labels / "
+                           "--label-names to match the head it has") from exc
 
 
 def _check_local(name: str) -> None:
