@@ -410,9 +410,19 @@ def default_num_proc(rows: int) -> int:
     return max(1, min(cores, 8, rows // 20_000))
 
 
+_FINGERPRINTS: dict[int, tuple[PreTrainedTokenizerBase, str]] = {}
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """What the token ids depend on: the tokenizer's content, not its path (a CPU node and a GPU node may mount
     the model at different places) and not the truncation/padding state its last call left behind."""
+    known = _FINGERPRINTS.get(id(tokenizer))
+    if known is None or known[0] is not tokenizer:  # hashing the vocabulary takes a while: once per tokenizer
+        _FINGERPRINTS[id(tokenizer)] = known = (tokenizer, _tokenizer_fingerprint(tokenizer))
+    return known[1]
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return Hasher.hash((type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer)))
