@@ -395,14 +395,6 @@ def build_splits(cfg: DataConfig, log=print) -> tuple[Dataset, Dataset]:
 # ---------------------------------------------------------------- tokenization
 
 
-TOKENIZED = datasets.Features({
-    # Narrow types: the cache is read back into Python lists per batch, so the width only costs disk.
-    "labels": datasets.Value("int64"), "input_ids": datasets.List(datasets.Value("int32")),
-    "token_type_ids": datasets.List(datasets.Value("int8")), "attention_mask": datasets.List(datasets.Value("int8")),
-    "idx": datasets.Value("int64"), "length": datasets.Value("int32"),
-})
-
-
 def default_num_proc(rows: int) -> int:
     """The cores this process may use, at most 8 (tokenizing is CPU-bound; more rarely pays on one disk), and one
     process for small sets, where starting workers costs more than it saves."""
@@ -448,10 +440,8 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, n
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
         return enc
 
-    features = datasets.Features({k: v for k, v in TOKENIZED.items() if k in ("labels", "idx", "length")
-                                  or k in tokenizer.model_input_names})
     num_proc = num_proc or default_num_proc(len(ds))
-    return ds.map(encode, batched=True, with_indices=True, remove_columns=["text"], features=features,
+    return ds.map(encode, batched=True, with_indices=True, remove_columns=["text"],
                   num_proc=num_proc if num_proc > 1 else None, new_fingerprint=fingerprint, desc="tokenize")
 
 
