@@ -59,8 +59,9 @@ def test_string_labels_become_names_the_saved_pipeline_returns(tiny_model, tmp_p
     config = read_json(out / "model" / "config.json")
     assert config["id2label"] == {"0": "negative", "1": "positive"}  # sorted names
     assert config["label2id"] == {"negative": 0, "positive": 1}
-    run_cfg = read_json(out / "config.json")["data"]
-    assert run_cfg["num_labels"] == 2 and run_cfg["label_names"] == ["negative", "positive"]
+    run_cfg = read_json(out / "config.json")
+    assert run_cfg["data"]["num_labels"] is None and run_cfg["data"]["label_names"] is None  # as given
+    assert run_cfg["resolved"]["num_labels"] == 2 and run_cfg["resolved"]["label_names"] == ["negative", "positive"]
     metrics = read_json(out / "metrics.json")
     assert metrics["f1_average"] == "binary: class 1" and set(metrics) >= {"f1", "accuracy", "precision", "recall"}
     classify = pipeline("text-classification", model=str(out / "model"), device="cpu")

@@ -73,7 +73,8 @@ def main(cfg: EvalConfig) -> int:
             "source": saved.kind, "weights": str(saved.path), "max_length": max_length, "eval_batch_size": batch_size,
             "eval_examples": len(eval_tok), "world_size": accelerator.num_processes}})
         write_predictions(out / "predictions.csv", result)
-        metrics = {**result.metrics, "f1_average": f1_average(data.num_labels), "total_params": sum(p.numel() for p in model.parameters()),
+        metrics = {**result.metrics, "f1_average": f1_average(data.num_labels),
+                   "total_params": sum(p.numel() for p in model.parameters()),
                    "world_size": accelerator.num_processes, "model": cfg.model, "source": saved.kind}
         save_json(out / "metrics.json", metrics)
         run_log.metrics_table(f"evaluation of {cfg.model} ({out})", metrics)

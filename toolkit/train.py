@@ -126,6 +126,7 @@ def main(cfg: TrainConfig) -> int:
 
     # ---- inputs: everything that can be wrong is checked here, before any output
     tokenizer = load_tokenizer(cfg.model)
+    requested = cfg.to_dict()  # config.json keeps the options as given (compare.py matches runs on them)
     # The data decide the classes (num_labels, label names), so the model is built after them.
     train_ds, eval_ds, max_length = prepare_data(accelerator, cfg.data, tokenizer, max_positions(cfg.model), run_log)
     model = load_model(cfg.model, cfg.data.num_labels, cfg.data.label_names)
@@ -144,7 +145,8 @@ def main(cfg: TrainConfig) -> int:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").unlink(missing_ok=True)  # only a finished run has one
-        save_json(out / "config.json", {**cfg.to_dict(), "resolved": {
+        save_json(out / "config.json", {**requested, "output_dir": cfg.output_dir, "resolved": {
+            "num_labels": cfg.data.num_labels, "label_names": cfg.data.label_names,
             "max_length": max_length, "world_size": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision, "train_examples": len(train_ds),
             "eval_examples": len(eval_ds), "distributed_type": str(accelerator.distributed_type)}})
