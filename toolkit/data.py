@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import codecs
 import csv
-import json
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -418,10 +418,12 @@ def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return Hasher.hash((type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer)))
-    state = json.loads(backend.to_str())
-    state.pop("truncation", None)
-    state.pop("padding", None)
-    return Hasher.hash((type(tokenizer).__name__, json.dumps(state, sort_keys=True), len(tokenizer)))
+    # Every call sets truncation and padding again (transformers' set_truncation_and_padding), so clearing
+    # them here changes no output; it leaves only the vocabulary, normalizer and special tokens to hash.
+    backend.no_truncation()
+    backend.no_padding()
+    content = hashlib.sha256(backend.to_str().encode()).hexdigest()  # C speed: Hasher (dill) takes seconds here
+    return Hasher.hash((type(tokenizer).__name__, content, len(tokenizer)))
 
 
 def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, num_proc: int | None = None) -> Dataset:
