@@ -30,14 +30,22 @@ class DataConfig:
     eval_file: Optional[str] = _opt(None, "local eval file; without it, --train-file is split by --eval-fraction")
     eval_fraction: float = _opt(0.2, "share of --train-file held out for evaluation when no --eval-file is given")
     text_column: Optional[str] = _opt(None, "text column; 'title,content' joins several (default: the preset's)")
-    label_column: str = _opt("label", "integer label column, values 0..num_labels-1")
-    num_labels: int = _opt(2, "number of classes")
+    label_column: str = _opt("label", "label column: class names (e.g. positive/negative) or ids 0..N-1 (1.0 is fine)")
+    label_names: Optional[list] = _opt(None, "class names in id order, comma-separated (e.g. neg,pos so that pos = 1); "
+                                             "default: sorted names from the training labels, or the preset's",
+                                       type=lambda s: [n.strip() for n in s.split(",")])
+    num_labels: Optional[int] = _opt(None, "number of classes (default: inferred from the training labels; checked when given)")
+    file_encoding: str = _opt("utf-8", "text encoding of CSV / JSON files (e.g. latin-1, cp1252, utf-16)")
     train_samples: Optional[int] = _opt(None, "number of training examples (default: the preset's)")
     eval_samples: Optional[int] = _opt(None, "number of evaluation examples (default: the preset's)")
     max_length: Optional[int] = _opt(None, "truncate to this many tokens (default: the model's maximum)")
     data_seed: int = _opt(42, "seed for subset sampling and splits (the seed recipe uses 42)")
     data_timeout: float = _opt(6 * 3600, "seconds the other processes wait for rank 0 to load and tokenize the data "
                                          "(on a gloo group of its own, apart from --dist-timeout)")
+    num_proc: Optional[int] = _opt(None, "processes for tokenization (default: the CPU cores this process may use, "
+                                         "at most 8, and 1 below 20k rows)")
+    cache_dir: Optional[str] = _opt(None, "datasets cache folder (default: HF_DATASETS_CACHE); put it on a shared "
+                                          "filesystem and run launch/prepare_data.py once, so every job starts warm")
 
 
 @dataclass
@@ -108,6 +116,12 @@ class EvalConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class PrepareConfig:
+    model: str = _opt(DEFAULT_MODEL, "the model the training run will use (only its tokenizer and config are read)")
+    data: DataConfig = field(default_factory=DataConfig)
+
+
 def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = get_type_hints(cls)
     for f in fields(cls):
@@ -122,7 +136,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         base = next((t for t in getattr(kind, "__args__", (kind,)) if t is not type(None)), str)
         default = None if extra.get("required") else f.default
-        parser.add_argument(flag, type=base, default=default, help=f.metadata["help"], **extra)
+        extra.setdefault("type", base)  # a field may bring its own parser (e.g. a comma-separated list)
+        parser.add_argument(flag, default=default, help=f.metadata["help"], **extra)
 
 
 def _build(cls: type, values: dict) -> Any:

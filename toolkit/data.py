@@ -7,12 +7,20 @@ the other ranks of a distributed run.
 
 from __future__ import annotations
 
+import codecs
+import csv
+import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from datasets import Dataset, concatenate_datasets
 from datasets.fingerprint import Hasher
@@ -57,13 +65,77 @@ def get_preset(task: str) -> Preset:
 # ---------------------------------------------------------------- loading
 
 
-def load_data_file(path: Path) -> Dataset:
+ENCODING_FIX = ("pass --file-encoding with the file's encoding (e.g. latin-1, cp1252, utf-16; any Python codec name), "
+                "or save the file as UTF-8")
+
+
+def load_data_file(path: Path, encoding: str = "utf-8", cache_dir: str | None = None) -> Dataset:
+    """A local file as a Dataset; every way a file can be unreadable ends in one ToolkitError."""
     if not path.exists():
         raise ToolkitError(f"data file not found: {path}", "check the path, or pass --data-dir / --train-file / --eval-file")
     fmt = FILE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ToolkitError(f"unsupported file type '{path.suffix}' for {path}", f"use one of {', '.join(FILE_FORMATS)}")
-    return datasets.load_dataset(fmt, data_files=str(path), split="train")
+    if path.stat().st_size == 0:
+        raise ToolkitError(f"data file {path} is empty", "write a header and at least one row into it")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ToolkitError(f"unknown --file-encoding '{encoding}'", "use a Python codec name: utf-8, latin-1, cp1252, utf-16, ...")
+    columns = _header(path, fmt, encoding)
+    dupes = sorted({c for c in columns if columns.count(c) > 1})
+    if dupes:
+        raise ToolkitError(f"{path} has duplicate column names {dupes} (columns: {columns})",
+                           "give every column a distinct name in the file")
+    kwargs = {"encoding": encoding} if fmt in ("csv", "json") else {}
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own "Failed to read ..." line would repeat ours
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=cache_dir, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - every reader failure becomes one message naming the file
+        raise _read_error(path, fmt, encoding, exc) from exc
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+    if len(ds) == 0:
+        raise ToolkitError(f"data file {path} has no rows", "add rows to the file (below its header), or pass another file")
+    return ds
+
+
+def _header(path: Path, fmt: str, encoding: str) -> list[str]:
+    """Column names as the file states them (pandas would silently rename a duplicate to 'name.1')."""
+    if fmt == "parquet":
+        try:
+            return pq.read_schema(path).names
+        except (pa.ArrowException, OSError) as exc:
+            raise ToolkitError(f"{path} is not a readable Parquet file ({str(exc)[:160]})",
+                               "check the file (a .parquet name needs Parquet content), or re-export it") from exc
+    if fmt == "csv":
+        try:
+            with path.open(newline="", encoding=encoding) as fh:
+                return next(csv.reader(fh), [])
+        except UnicodeError as exc:
+            raise _encoding_error(path, encoding, exc) from exc
+    return []  # JSON: an object cannot hold a key twice once parsed
+
+
+def _encoding_error(path: Path, encoding: str, exc: Exception) -> ToolkitError:
+    return ToolkitError(f"{path} is not valid {encoding} text ({exc})", ENCODING_FIX)
+
+
+def _read_error(path: Path, fmt: str, encoding: str, exc: BaseException) -> ToolkitError:
+    chain, err = [], exc
+    while err is not None and len(chain) < 10:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for err in chain:
+        if isinstance(err, UnicodeError):
+            return _encoding_error(path, encoding, err)
+        if "corresponds to no data" in str(err) or isinstance(err, StopIteration) or type(err).__name__ == "EmptyDataError":
+            return ToolkitError(f"data file {path} has no rows", "add rows to the file (below its header), or pass another file")
+    detail = next((f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" for e in reversed(chain) if str(e)), type(exc).__name__)
+    what = {"json": "JSON / JSON Lines (one object per line)", "csv": "CSV", "parquet": "Parquet"}[fmt]
+    return ToolkitError(f"could not read {path} as {what}: {detail}",
+                        f"check the file's format (it must be {what}), or re-export it")
 
 
 def _find_split_file(data_dir: Path, preset: Preset, split: str) -> Path:
@@ -79,9 +151,9 @@ def _find_split_file(data_dir: Path, preset: Preset, split: str) -> Path:
     )
 
 
-def _load_hub(preset: Preset, split: str) -> Dataset:
+def _load_hub(preset: Preset, split: str, cache_dir: str | None = None) -> Dataset:
     try:
-        return datasets.load_dataset(preset.hub_name, split=split)
+        return datasets.load_dataset(preset.hub_name, split=split, cache_dir=cache_dir)
     except Exception as exc:  # offline, no cache, or no such dataset
         raise ToolkitError(
             f"could not load '{preset.hub_name}' ({split}) from the Hugging Face Hub: {type(exc).__name__}: {str(exc)[:200]}",
@@ -92,15 +164,16 @@ def _load_hub(preset: Preset, split: str) -> Dataset:
 def load_raw(cfg: DataConfig) -> tuple[Dataset, Dataset | None]:
     """The train pool and the eval pool (None when eval is carved out of the train pool)."""
     preset = get_preset(cfg.task)
+    load_file = lambda path: load_data_file(Path(path), cfg.file_encoding, cfg.cache_dir)  # noqa: E731
     if cfg.train_file:
-        train = load_data_file(Path(cfg.train_file))
-        return train, load_data_file(Path(cfg.eval_file)) if cfg.eval_file else None
+        train = load_file(cfg.train_file)
+        return train, load_file(cfg.eval_file) if cfg.eval_file else None
     if cfg.eval_file:
         raise ToolkitError("--eval-file was given without --train-file", "pass both, or use --data-dir")
     if cfg.data_dir:
-        load = lambda split: load_data_file(_find_split_file(Path(cfg.data_dir), preset, split))  # noqa: E731
+        load = lambda split: load_file(_find_split_file(Path(cfg.data_dir), preset, split))  # noqa: E731
     else:
-        load = lambda split: _load_hub(preset, split)  # noqa: E731
+        load = lambda split: _load_hub(preset, split, cfg.cache_dir)  # noqa: E731
     return load(preset.train_split), load(preset.eval_split) if preset.eval_split else None
 
 
@@ -112,10 +185,91 @@ def text_columns(cfg: DataConfig) -> list[str]:
     return [c.strip() for c in names.split(",") if c.strip()]
 
 
-def clean(ds: Dataset, cfg: DataConfig, name: str, log=print) -> Dataset:
-    """Join text columns into `text`, drop empty texts, check labels. Errors name the fix."""
-    cols = text_columns(cfg)
-    missing = [c for c in cols + [cfg.label_column] if c not in ds.column_names]
+def arrow_column(ds: Dataset, name: str) -> pa.ChunkedArray:
+    """One column as Arrow, without building a Python object per row (the table is memory-mapped)."""
+    if ds._indices is None:
+        return ds.data.column(name)
+    return ds.with_format("arrow")[:][name]  # a selection (shuffle/select): only its rows
+
+
+def numpy_column(ds: Dataset, name: str) -> np.ndarray:
+    return arrow_column(ds, name).to_numpy()
+
+
+def _nulls(col: pa.ChunkedArray, what: str, name: str, column: str) -> None:
+    if col.null_count:
+        rows = np.flatnonzero(pc.is_null(col).to_numpy(zero_copy_only=False))
+        raise ToolkitError(
+            f"{name} data: {col.null_count} row(s) have no {what} in column '{column}', at row positions "
+            f"{rows[:10].tolist()}{' ...' if len(rows) > 10 else ''} (0 = first data row)",
+            "fill in or remove those rows")
+
+
+def resolve_labels(ds: Dataset, cfg: DataConfig, name: str = "train") -> None:
+    """Fix the label space from the training rows: cfg.num_labels and cfg.label_names are filled in.
+
+    String labels become ids by sorted name, or by --label-names' order; integer labels (and integral
+    floats, as pandas writes a column with a gap) stay ids, with --num-labels inferred as max + 1.
+    Saved with the run (config.json, the model's id2label), so evaluation maps the same way.
+    """
+    _check_columns(ds, cfg, name)
+    col = arrow_column(ds, cfg.label_column)
+    _nulls(col, "label", name, cfg.label_column)
+    given = list(cfg.label_names) if cfg.label_names else None
+    if given is not None and len(set(given)) != len(given):
+        raise ToolkitError(f"--label-names repeats a name: {given}", "name every class once")
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        found = sorted(pc.unique(col).to_pylist())
+        if given is not None:
+            unknown = [v for v in found if v not in given]
+            if unknown:
+                raise ToolkitError(f"{name} labels {unknown[:10]} in column '{cfg.label_column}' are not in --label-names {given}",
+                                   "add them to --label-names (its order gives the ids 0, 1, ...)")
+        names = given or found
+        if cfg.num_labels is not None and cfg.num_labels != len(names):
+            raise ToolkitError(f"--num-labels {cfg.num_labels} but the labels name {len(names)} classes: {names[:10]}",
+                               f"pass --num-labels {len(names)}, or leave it out (it is inferred)")
+        cfg.num_labels, cfg.label_names = len(names), names
+        return
+    ids = _integer_labels(col, name, cfg.label_column)
+    top = int(pc.max(ids).as_py())
+    if cfg.num_labels is None:
+        cfg.num_labels = len(given) if given else max(top + 1, 2)
+    if given is not None and len(given) != cfg.num_labels:
+        raise ToolkitError(f"--label-names names {len(given)} classes but there are {cfg.num_labels}",
+                           "give one name per class id 0..N-1, in order")
+    _check_range(ids, cfg, name)
+    if given is None and not cfg.train_file:
+        preset_names = get_preset(cfg.task).label_names
+        given = list(preset_names) if len(preset_names) == cfg.num_labels else None
+    cfg.label_names = given
+
+
+def _integer_labels(col: pa.ChunkedArray, name: str, column: str) -> pa.ChunkedArray:
+    if pa.types.is_integer(col.type) or pa.types.is_boolean(col.type):
+        return pc.cast(col, pa.int64())
+    if pa.types.is_floating(col.type):
+        frac = pc.invert(pc.equal(col, pc.floor(col)))  # NaN and inf count as non-integral
+        if pc.any(frac).as_py():
+            bad = pc.unique(pc.filter(col, frac)).to_pylist()
+            raise ToolkitError(f"{name} labels in column '{column}' are not whole numbers: {sorted(bad)[:10]}",
+                               "labels must be class ids 0..N-1 (1.0 is fine) or class names")
+        return pc.cast(col, pa.int64())
+    raise ToolkitError(f"{name} label column '{column}' has type {col.type}", "use integer class ids or class names")
+
+
+def _check_range(ids: pa.ChunkedArray, cfg: DataConfig, name: str) -> None:
+    outside = pc.or_(pc.less(ids, 0), pc.greater_equal(ids, cfg.num_labels))
+    if pc.any(outside).as_py():
+        bad = sorted(pc.unique(pc.filter(ids, outside)).to_pylist())
+        raise ToolkitError(
+            f"{name} labels outside 0..{cfg.num_labels - 1} in column '{cfg.label_column}': {bad[:10]}",
+            "labels must be integers 0..N-1 or class names: pass --num-labels N (or leave it out: it is inferred), "
+            "or map the labels in the file")
+
+
+def _check_columns(ds: Dataset, cfg: DataConfig, name: str) -> None:
+    missing = [c for c in text_columns(cfg) + [cfg.label_column] if c not in ds.column_names]
     if missing:
         raise ToolkitError(
             f"{name} data has no column(s) {missing}; it has {ds.column_names}",
@@ -124,28 +278,63 @@ def clean(ds: Dataset, cfg: DataConfig, name: str, log=print) -> Dataset:
     if len(ds) == 0:
         raise ToolkitError(f"{name} data has no rows", "check the file or the sample counts")
 
-    def join(batch):
-        parts = zip(*(batch[c] for c in cols))
-        return {"text": [". ".join(p.strip() for p in row if p is not None and p.strip()) for row in parts]}
 
-    ds = ds.map(join, batched=True, desc=f"{name}: text")
-    labels = list(ds[cfg.label_column])
-    bad = sorted({lab for lab in labels if not isinstance(lab, int) or not 0 <= lab < cfg.num_labels}, key=str)
-    if bad:
-        raise ToolkitError(
-            f"{name} labels outside 0..{cfg.num_labels - 1} in column '{cfg.label_column}': {bad[:10]}",
-            "labels must be integers 0..N-1: pass --num-labels N, or map the labels in the file",
-        )
+def _label_ids(col: pa.ChunkedArray, cfg: DataConfig, name: str) -> pa.ChunkedArray:
+    """Labels as int64 ids in 0..num_labels-1, per the label space resolve_labels fixed."""
+    _nulls(col, "label", name, cfg.label_column)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        names = list(cfg.label_names or [])
+        ids = pc.index_in(col, value_set=pa.array(names, type=col.type))
+        if ids.null_count:
+            unseen = sorted(pc.unique(pc.filter(col, pc.is_null(ids))).to_pylist())
+            raise ToolkitError(f"{name} labels {unseen[:10]} in column '{cfg.label_column}' are not among the training "
+                               f"labels {names[:20]}", "use the same class names in every file (or --label-names)")
+        return pc.cast(ids, pa.int64())
+    ids = _integer_labels(col, name, cfg.label_column)
+    _check_range(ids, cfg, name)
+    return ids
+
+
+def _joined_text(table: pa.Table, cols: list[str]) -> pa.Array:
+    """Columns stripped and joined with '. ', empty parts skipped; "" when nothing is left."""
+    joined = None
+    for c in cols:
+        part = pc.utf8_trim_whitespace(pc.cast(table.column(c), pa.string()))
+        part = pc.if_else(pc.equal(part, ""), pa.scalar(None, pa.string()), part)
+        if joined is None:
+            joined = part
+        else:  # (binary_join_element_wise's null_handling="skip" drops all-null rows in pyarrow 25: not used)
+            both = pc.binary_join_element_wise(joined, part, ". ")
+            joined = pc.if_else(pc.is_null(joined), part, pc.if_else(pc.is_null(part), joined, both))
+    return pc.fill_null(joined, "")
+
+
+def clean(ds: Dataset, cfg: DataConfig, name: str, log=print) -> Dataset:
+    """`text` (text columns joined) and `labels` (ids), empty texts dropped: one columnar pass, one copy.
+
+    The label space must be fixed first (resolve_labels on the training rows, or the model's names).
+    """
+    cols = text_columns(cfg)
+    _check_columns(ds, cfg, name)
+    if cfg.num_labels is None:
+        resolve_labels(ds, cfg, name)
+    _label_ids(arrow_column(ds, cfg.label_column), cfg, name)  # every error before the pass, not inside it
+
+    def one_pass(table: pa.Table) -> pa.Table:
+        text = _joined_text(table, cols)
+        out = pa.table({"text": text, "labels": _label_ids(table.column(cfg.label_column), cfg, name)})
+        return out.filter(pc.not_equal(text, ""))
+
+    fingerprint = Hasher.hash((ds._fingerprint, cols, cfg.label_column, cfg.label_names, cfg.num_labels, "clean-v2"))
     before = len(ds)
-    ds = ds.filter(lambda batch: [bool(t) for t in batch["text"]], batched=True, desc=f"{name}: drop empty")
+    ds = ds.with_format("arrow").map(one_pass, batched=True, batch_size=20_000, remove_columns=ds.column_names,
+                                     new_fingerprint=fingerprint, desc=f"{name}: text and labels").with_format(None)
     dropped = before - len(ds)
     if len(ds) == 0:
         raise ToolkitError(f"all {before} {name} texts are empty or null", f"check the text column(s) {cols}")
     if dropped:
         log(f"[yellow]{name}: dropped {dropped} of {before} rows with an empty or null text[/yellow]")
-    keep = ["text", cfg.label_column]
-    ds = ds.remove_columns([c for c in ds.column_names if c not in keep])
-    return ds.rename_column(cfg.label_column, "labels") if cfg.label_column != "labels" else ds
+    return ds
 
 
 # ---------------------------------------------------------------- sampling
@@ -153,11 +342,11 @@ def clean(ds: Dataset, cfg: DataConfig, name: str, log=print) -> Dataset:
 
 def _balanced(ds: Dataset, n: int, num_labels: int, seed: int, name: str) -> Dataset:
     """n examples, as equal per class as n allows, each class shuffled with `seed`, then all shuffled."""
-    labels = list(ds["labels"])
+    labels = numpy_column(ds, "labels")
     parts = []
     for cls in range(num_labels):
         want = n // num_labels + (1 if cls < n % num_labels else 0)
-        idx = [i for i, lab in enumerate(labels) if lab == cls]
+        idx = np.flatnonzero(labels == cls)
         if len(idx) < want:
             raise ToolkitError(f"{name}: class {cls} has {len(idx)} examples, {want} needed for a balanced subset", "ask for fewer samples")
         parts.append(ds.select(idx).shuffle(seed=seed).select(range(want)))
@@ -171,7 +360,10 @@ def take_sample(ds: Dataset, n: int | None, seed: int) -> Dataset:
 
 
 def build_splits(cfg: DataConfig, log=print) -> tuple[Dataset, Dataset]:
-    """Train and eval datasets with columns `text`, `labels`, per the preset and overrides."""
+    """Train and eval datasets with columns `text`, `labels`, per the preset and overrides.
+
+    Also resolves the label space into cfg (num_labels, label_names) from the training rows.
+    """
     preset = get_preset(cfg.task)
     custom = cfg.train_file is not None
     n_train = cfg.train_samples if cfg.train_samples is not None else (None if custom else preset.train_samples)
@@ -180,6 +372,7 @@ def build_splits(cfg: DataConfig, log=print) -> tuple[Dataset, Dataset]:
         if n is not None and n < 1:
             raise ToolkitError(f"{flag} must be at least 1, got {n}", f"pass a positive {flag}")
     train_raw, eval_raw = load_raw(cfg)
+    resolve_labels(train_raw, cfg)
 
     if eval_raw is None:
         pool = clean(train_raw, cfg, "train", log)
@@ -202,13 +395,46 @@ def build_splits(cfg: DataConfig, log=print) -> tuple[Dataset, Dataset]:
 # ---------------------------------------------------------------- tokenization
 
 
-def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
+def default_num_proc(rows: int) -> int:
+    """The cores this process may use, at most 8 (tokenizing is CPU-bound; more rarely pays on one disk), and one
+    process for small sets, where starting workers costs more than it saves."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 8, rows // 20_000))
+
+
+_FINGERPRINTS: dict[int, tuple[PreTrainedTokenizerBase, str]] = {}
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What the token ids depend on: the tokenizer's content, not its path (a CPU node and a GPU node may mount
+    the model at different places) and not the truncation/padding state its last call left behind."""
+    known = _FINGERPRINTS.get(id(tokenizer))
+    if known is None or known[0] is not tokenizer:  # hashing the vocabulary takes a while: once per tokenizer
+        _FINGERPRINTS[id(tokenizer)] = known = (tokenizer, _tokenizer_fingerprint(tokenizer))
+    return known[1]
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return Hasher.hash((type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer)))
+    # Every call sets truncation and padding again (transformers' set_truncation_and_padding), so clearing
+    # them here changes no output; it leaves only the vocabulary, normalizer and special tokens to hash.
+    backend.no_truncation()
+    backend.no_padding()
+    content = hashlib.sha256(backend.to_str().encode()).hexdigest()  # C speed: Hasher (dill) takes seconds here
+    return Hasher.hash((type(tokenizer).__name__, content, len(tokenizer)))
+
+
+def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, num_proc: int | None = None) -> Dataset:
     """Token ids (unpadded), plus `idx` (row position) and `length` for batching.
 
     The fingerprint names exactly what the output depends on, so the cache is reused
-    across runs and ranks instead of relying on pickling the tokenizer.
+    across runs, ranks and machines (launch/prepare_data.py) instead of relying on pickling
+    the tokenizer. The number of processes does not enter it: datasets reuses shards
+    written with another --num-proc.
     """
-    fingerprint = Hasher.hash((ds._fingerprint, tokenizer.name_or_path, len(tokenizer), max_length, "v1"))
+    fingerprint = Hasher.hash((ds._fingerprint, tokenizer_fingerprint(tokenizer), max_length, "v2"))
 
     def encode(batch, indices):
         enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
@@ -216,8 +442,9 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
         return enc
 
+    num_proc = num_proc or default_num_proc(len(ds))
     return ds.map(encode, batched=True, with_indices=True, remove_columns=["text"],
-                  new_fingerprint=fingerprint, desc="tokenize")
+                  num_proc=num_proc if num_proc > 1 else None, new_fingerprint=fingerprint, desc="tokenize")
 
 
 def resolve_max_length(requested: int | None, tokenizer: PreTrainedTokenizerBase, model_max_positions: int | None) -> int:
@@ -255,9 +482,9 @@ class EpochBatchSampler(Sampler[list[int]]):
     (seed, epoch), so resuming mid-epoch works as before.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, shuffle: bool, sort_by_length: bool = False,
+    def __init__(self, lengths, batch_size: int, seed: int, shuffle: bool, sort_by_length: bool = False,
                  group_by_length: bool = False, group_batches: int = 16, length_jitter: float = 0.05):
-        self.lengths = lengths
+        self.lengths = np.asarray(lengths, dtype=np.int64)  # a column, never a Python list of rows
         self.size = batch_size
         self.seed = seed
         self.shuffle = shuffle
@@ -273,31 +500,37 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         n = len(self.lengths)
         if self.shuffle and self.group_by_length:
-            yield from self._grouped_batches(torch.Generator().manual_seed(self.seed + self.epoch))
+            order, starts = self._grouped_batches(torch.Generator().manual_seed(self.seed + self.epoch))
+            for start in starts.tolist():
+                yield order[start:start + self.size].tolist()
             return
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(n, generator=gen).tolist()
+            order = torch.randperm(n, generator=gen).numpy()
         elif self.sort_by_length:
-            order = sorted(range(n), key=lambda i: -self.lengths[i])
+            order = np.argsort(-self.lengths, kind="stable")
         else:
-            order = list(range(n))
+            order = np.arange(n)
         for start in range(0, n, self.size):
-            yield order[start:start + self.size]
+            yield order[start:start + self.size].tolist()
 
-    def _grouped_batches(self, gen: torch.Generator) -> list[list[int]]:
+    def _grouped_batches(self, gen: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's row order and the start of each batch in it, in batch order."""
         n = len(self.lengths)
-        perm = torch.randperm(n, generator=gen).tolist()
-        scale = (1 + self.length_jitter * (2 * torch.rand(n, generator=gen) - 1)).tolist()
+        perm = torch.randperm(n, generator=gen).numpy()
+        scale = (1 + self.length_jitter * (2 * torch.rand(n, generator=gen) - 1)).numpy().astype(np.float64)
         group = self.size * self.group_batches  # a multiple of the batch size: only the very last batch can be short
-        batches = []
-        for start in range(0, n, group):
-            rows = sorted(perm[start:start + group], key=lambda i: -self.lengths[i] * scale[i])  # stable: ties stay random
-            batches += [rows[j:j + self.size] for j in range(0, len(rows), self.size)]
-        batches = [batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()]
-        longest = max(range(len(batches)), key=lambda k: max(self.lengths[i] for i in batches[k]))
-        batches[0], batches[longest] = batches[longest], batches[0]
-        return batches
+        key = -self.lengths[perm].astype(np.float64) * scale[perm]
+        order = np.empty_like(perm)
+        for start in range(0, n, group):  # a loop over groups (n / 16 batches), each sorted by NumPy
+            stop = min(start + group, n)
+            order[start:stop] = perm[start:stop][np.argsort(key[start:stop], kind="stable")]  # stable: ties stay random
+        starts = np.arange(0, n, self.size)
+        starts = starts[torch.randperm(len(starts), generator=gen).numpy()]
+        batch_max = np.maximum.reduceat(self.lengths[order], np.arange(0, n, self.size))  # in row order of `order`
+        longest = int(np.argmax(batch_max[starts // self.size]))  # the first batch (in batch order) holding the max
+        starts[[0, longest]] = starts[[longest, 0]]
+        return order, starts
 
 
 class Collator:
@@ -317,7 +550,7 @@ class Collator:
 
 def make_loader(ds: Dataset, collator: Collator, batch_size: int, seed: int, train: bool, num_workers: int = 0,
                 group_by_length: bool = False) -> DataLoader:
-    sampler = EpochBatchSampler(list(ds["length"]), batch_size, seed, shuffle=train, sort_by_length=not train,
+    sampler = EpochBatchSampler(numpy_column(ds, "length"), batch_size, seed, shuffle=train, sort_by_length=not train,
                                 group_by_length=group_by_length)
     return DataLoader(ds, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available())

@@ -17,6 +17,7 @@ from .distributed import main_process_first
 from .data import Collator, load_data_file, take_sample, build_splits, clean, make_loader, resolve_max_length, tokenize
 from .errors import ToolkitError
 from .loop import validate
+from .metrics import f1_average
 from .run_log import RunLog
 from .saved import Saved, load_saved
 from .train import shared_output_dir, setup, write_predictions
@@ -29,7 +30,8 @@ def eval_split(cfg: DataConfig, log=print) -> Dataset:
             raise ToolkitError(f"--eval-samples must be at least 1, got {cfg.eval_samples}",
                                "pass a positive --eval-samples")
         # build_splits would insist on a train file; this is its sampling of a custom eval file.
-        return take_sample(clean(load_data_file(Path(cfg.eval_file)), cfg, "eval", log), cfg.eval_samples, cfg.data_seed)
+        eval_raw = load_data_file(Path(cfg.eval_file), cfg.file_encoding, cfg.cache_dir)
+        return take_sample(clean(eval_raw, cfg, "eval", log), cfg.eval_samples, cfg.data_seed)
     return build_splits(cfg, log)[1]
 
 
@@ -43,7 +45,8 @@ def data_config(cfg: EvalConfig, saved: Saved) -> DataConfig:
         data.data_dir = cfg.data.data_dir or data.data_dir  # the files may have moved since training
     else:
         data = dataclasses.replace(cfg.data)
-    data.num_labels = saved.model.config.num_labels  # the model decides how many classes there are
+    data.num_labels = saved.model.config.num_labels  # the model decides how many classes there are, and their names
+    data.label_names = [saved.model.config.id2label[i] for i in range(data.num_labels)]
     data.max_length = data.max_length or saved.train_max_length
     return data
 
@@ -58,12 +61,12 @@ def main(cfg: EvalConfig) -> int:
     with main_process_first(accelerator, cfg.data.data_timeout):  # rank 0 fills the datasets cache, the others read it
         eval_ds = eval_split(data, run_log.print)
         max_length = resolve_max_length(data.max_length, tokenizer, getattr(model.config, "max_position_embeddings", None))
-        eval_tok = tokenize(eval_ds, tokenizer, max_length)
+        eval_tok = tokenize(eval_ds, tokenizer, max_length, data.num_proc)
     batch_size = cfg.eval_batch_size or saved.train_eval_batch_size or 32
     loader = make_loader(eval_tok, Collator(tokenizer, 8 if accelerator.device.type == "cuda" else None),
                          batch_size, cfg.seed, train=False)
     model, loader = accelerator.prepare(model, loader)
-    result = validate(accelerator, model, loader, data.num_labels, len(eval_tok))
+    result = validate(accelerator, model, loader, data.num_labels, len(eval_tok), data.label_names)
     out = shared_output_dir(accelerator, cfg)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +74,8 @@ def main(cfg: EvalConfig) -> int:
             "source": saved.kind, "weights": str(saved.path), "max_length": max_length, "eval_batch_size": batch_size,
             "eval_examples": len(eval_tok), "world_size": accelerator.num_processes}})
         write_predictions(out / "predictions.csv", result)
-        metrics = {**result.metrics, "total_params": sum(p.numel() for p in model.parameters()),
+        metrics = {**result.metrics, "f1_average": f1_average(data.num_labels),
+                   "total_params": sum(p.numel() for p in model.parameters()),
                    "world_size": accelerator.num_processes, "model": cfg.model, "source": saved.kind}
         save_json(out / "metrics.json", metrics)
         run_log.metrics_table(f"evaluation of {cfg.model} ({out})", metrics)

@@ -45,7 +45,8 @@ class EvalResult:
 
 
 @torch.no_grad()
-def validate(accelerator: Accelerator, model, loader, num_labels: int, num_examples: int) -> EvalResult:
+def validate(accelerator: Accelerator, model, loader, num_labels: int, num_examples: int,
+             label_names: list[str] | None = None) -> EvalResult:
     """Every rank scores its share; row ids, labels, predictions and losses are gathered once.
 
     Ranks can end with batches of different sizes (uneven last batch) and Accelerate
@@ -77,7 +78,7 @@ def validate(accelerator: Accelerator, model, loader, num_labels: int, num_examp
         raise RuntimeError(f"evaluation gathered {len(index)} distinct rows, expected {num_examples}")
     runtime = time.perf_counter() - start
     labels, preds = all_rows[first, 1], all_rows[first, 2]
-    metrics = classification_metrics(labels, preds, num_labels)
+    metrics = classification_metrics(labels, preds, num_labels, label_names)
     metrics.update(eval_loss=float(all_loss[first].mean()), eval_runtime_s=runtime,
                    eval_samples_per_s=num_examples / runtime, eval_tokens_per_s=tokens / runtime,
                    eval_padding_fraction=1 - tokens / padded if padded else 0.0)

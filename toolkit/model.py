@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import ToolkitError
 
@@ -28,9 +28,20 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         raise _hub_error(name, exc) from exc
 
 
-def load_model(name: str, num_labels: int, label_names: tuple[str, ...] | None = None) -> PreTrainedModel:
+def max_positions(name: str) -> int | None:
+    """The model's position limit from its config alone (no weights: the data phase runs before the model loads)."""
     _check_local(name)
-    names = label_names if label_names and len(label_names) == num_labels else tuple(f"LABEL_{i}" for i in range(num_labels))
+    try:
+        return getattr(AutoConfig.from_pretrained(name), "max_position_embeddings", None)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(name, exc) from exc
+
+
+def load_model(name: str, num_labels: int, label_names: list[str] | tuple[str, ...] | None = None) -> PreTrainedModel:
+    """The classifier with `num_labels` outputs; label names become its id2label/label2id, so a saved model's
+    pipeline("text-classification") answers with them."""
+    _check_local(name)
+    names = list(label_names) if label_names and len(label_names) == num_labels else [f"LABEL_{i}" for i in range(num_labels)]
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             name,
@@ -40,6 +51,12 @@ def load_model(name: str, num_labels: int, label_names: tuple[str, ...] | None =
         )
     except (OSError, ValueError) as exc:
         raise _hub_error(name, exc) from exc
+    except RuntimeError as exc:
+        if "mismatch" not in str(exc).lower():
+            raise
+        raise ToolkitError(f"model '{name}' already has a classification head of another size than the "
+                           f"{num_labels} classes of the data", "start from its base encoder, or pass --num-labels / "
+                           "--label-names to match the head it has") from exc
 
 
 def _check_local(name: str) -> None:

@@ -114,7 +114,7 @@ def _from_checkpoint(folder: Path) -> Saved:
     if not cfg or "model" not in cfg:
         raise ToolkitError(f"{folder / PROGRESS} does not name the run's settings", f"pass {LAYOUTS}")
     base, data = cfg["model"], cfg["data"]
-    labels = None if data.get("train_file") else get_preset(data["task"]).label_names
+    labels = data.get("label_names") or (None if data.get("train_file") else get_preset(data["task"]).label_names)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its "classifier newly initialised" warning is moot: the checkpoint fills it
     try:

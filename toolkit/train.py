@@ -23,12 +23,13 @@ from . import checkpoint as ckpt
 from .cluster import detect, export_torch_distributed_env
 from .config import TrainConfig, save_json
 from .distributed import DEFAULT_DIST_TIMEOUT_S, main_process_first, process_group_kwargs
-from .data import Collator, build_splits, get_preset, make_loader, resolve_max_length, tokenize
+from .data import Collator, build_splits, make_loader, resolve_max_length, tokenize
 from .errors import ToolkitError
 from .freeze import apply_freeze, parse_policy
 from .frozen_cache import FrozenCache
 from .loop import EvalResult, TrainState, fit, validate
-from .model import build_optimizer, fsdp_wrap_classes, load_model, load_tokenizer
+from .metrics import f1_average
+from .model import build_optimizer, fsdp_wrap_classes, load_model, load_tokenizer, max_positions
 from .precision import (device_capability, enable_tf32, has_kernels, launcher_command_line, resolve_mixed_precision,
                         tf32_applies)
 from .preemption import PREEMPTED_EXIT_CODE, StopRequest
@@ -111,8 +112,8 @@ def prepare_data(accelerator, cfg_data, tokenizer, model_max_positions, run_log,
     with main_process_first(accelerator, cfg_data.data_timeout):
         train_ds, eval_ds = build_splits(cfg_data, log=run_log.print)
         max_length = resolve_max_length(cfg_data.max_length, tokenizer, model_max_positions)
-        train_tok = tokenize(train_ds, tokenizer, max_length) if need_train else None
-        eval_tok = tokenize(eval_ds, tokenizer, max_length)
+        train_tok = tokenize(train_ds, tokenizer, max_length, cfg_data.num_proc) if need_train else None
+        eval_tok = tokenize(eval_ds, tokenizer, max_length, cfg_data.num_proc)
     return train_tok, eval_tok, max_length
 
 
@@ -136,12 +137,12 @@ def main(cfg: TrainConfig) -> int:
     set_seed(cfg.seed)
 
     # ---- inputs: everything that can be wrong is checked here, before any output
-    preset = get_preset(cfg.data.task)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, cfg.data.num_labels, preset.label_names if not cfg.data.train_file else None)
+    requested = cfg.to_dict()  # config.json keeps the options as given (compare.py matches runs on them)
+    # The data decide the classes (num_labels, label names), so the model is built after them.
+    train_ds, eval_ds, max_length = prepare_data(accelerator, cfg.data, tokenizer, max_positions(cfg.model), run_log)
+    model = load_model(cfg.model, cfg.data.num_labels, cfg.data.label_names)
     summary = apply_freeze(model, cfg.freeze)
-    train_ds, eval_ds, max_length = prepare_data(accelerator, cfg.data, tokenizer,
-                                                 getattr(model.config, "max_position_embeddings", None), run_log)
     run_log.print(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples, max length {max_length}")
     run_log.freeze_table(summary)
     if cfg.cache_frozen:
@@ -156,7 +157,8 @@ def main(cfg: TrainConfig) -> int:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").unlink(missing_ok=True)  # only a finished run has one
-        save_json(out / "config.json", {**cfg.to_dict(), "resolved": {
+        save_json(out / "config.json", {**requested, "output_dir": cfg.output_dir, "resolved": {
+            "num_labels": cfg.data.num_labels, "label_names": cfg.data.label_names,
             "max_length": max_length, "world_size": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision, "train_examples": len(train_ds),
             "eval_examples": len(eval_ds), "distributed_type": str(accelerator.distributed_type)}})
@@ -226,7 +228,8 @@ def main(cfg: TrainConfig) -> int:
     def evaluate(epoch: int) -> EvalResult:
         if state.global_step in last_eval:
             return last_eval[state.global_step]
-        result = last_eval[state.global_step] = validate(accelerator, model, eval_loader, cfg.data.num_labels, len(eval_ds))
+        result = last_eval[state.global_step] = validate(accelerator, model, eval_loader, cfg.data.num_labels, len(eval_ds),
+                                                        cfg.data.label_names)
         run_log.record({"epoch": epoch, "step": state.global_step, **{f"eval_{k}" if not k.startswith("eval") else k: v
                                                                        for k, v in result.metrics.items()}})
         run_log.print(f"epoch {epoch}: f1 {result.metrics['f1']:.4f} accuracy {result.metrics['accuracy']:.4f} "
@@ -253,6 +256,7 @@ def main(cfg: TrainConfig) -> int:
         write_predictions(out / "predictions.csv", result)
         metrics = {
             **result.metrics,
+            "f1_average": f1_average(cfg.data.num_labels),
             "train_runtime_s": state.train_runtime_s,
             "train_samples_per_s": state.samples_seen / state.train_runtime_s if state.train_runtime_s else 0.0,
             "train_samples": state.samples_seen,
