@@ -21,6 +21,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from .config import DataConfig
 from .errors import ToolkitError
+from .logs import tokenize_progress
 
 FILE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 
@@ -216,8 +217,9 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
         return enc
 
-    return ds.map(encode, batched=True, with_indices=True, remove_columns=["text"],
-                  new_fingerprint=fingerprint, desc="tokenize")
+    with tokenize_progress(len(ds)):
+        return ds.map(encode, batched=True, with_indices=True, remove_columns=["text"],
+                      new_fingerprint=fingerprint, desc="tokenize")
 
 
 def resolve_max_length(requested: int | None, tokenizer: PreTrainedTokenizerBase, model_max_positions: int | None) -> int:

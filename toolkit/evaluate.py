@@ -12,6 +12,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from . import library_metrics
 from .config import DataConfig, EvalConfig, save_json
 from .data import Collator, load_data_file, take_sample, build_splits, clean, make_loader, resolve_max_length, tokenize
 from .errors import ToolkitError
@@ -48,6 +49,7 @@ def data_config(cfg: EvalConfig, saved: Saved) -> DataConfig:
 
 
 def main(cfg: EvalConfig) -> int:
+    extra_metrics = library_metrics.load(cfg.metrics)
     saved = load_saved(cfg.model)
     data = data_config(cfg, saved)
     accelerator = setup(cfg.cpu, cfg.mixed_precision)
@@ -70,6 +72,7 @@ def main(cfg: EvalConfig) -> int:
             "source": saved.kind, "weights": str(saved.path), "max_length": max_length, "eval_batch_size": batch_size,
             "eval_examples": len(eval_tok), "world_size": accelerator.num_processes}})
         write_predictions(out / "predictions.csv", result)
+        result.metrics.update(library_metrics.compute(extra_metrics, result.labels, result.preds, data.num_labels))
         metrics = {**result.metrics, "total_params": sum(p.numel() for p in model.parameters()),
                    "world_size": accelerator.num_processes, "model": cfg.model, "source": saved.kind}
         save_json(out / "metrics.json", metrics)
