@@ -60,6 +60,6 @@ def compute(metrics: list, labels: np.ndarray, preds: np.ndarray, num_labels: in
             kwargs["average"] = "binary" if num_labels == 2 else "macro"
         result = metric.compute(predictions=preds.tolist(), references=labels.tolist(), **kwargs)
         for key, value in (result or {}).items():
-            if np.ndim(value) == 0:
+            if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):  # not lists, strings
                 out[key] = float(value)
     return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import secrets
 from pathlib import Path
 
 from .errors import ToolkitError
@@ -84,7 +85,7 @@ def start(accelerator, run_log, names: list[str], out: Path, run_name: str, conf
     if "wandb" in names:
         import wandb
 
-        run_id = known.get("wandb", {}).get("id") or wandb.util.generate_id()
+        run_id = known.get("wandb", {}).get("id") or secrets.token_hex(4)  # chosen here, so it is known before init
         ids["wandb"] = {"id": run_id}
         settings = wandb.Settings(silent=True) if quiet else None
         trackers.append(WandBTracker(os.environ.get("WANDB_PROJECT", PROJECT), name=run_name, id=run_id, resume="allow",
