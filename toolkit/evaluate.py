@@ -12,7 +12,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from . import library_metrics
+from . import library_metrics, logs
 from .config import DataConfig, EvalConfig, save_json
 from .data import Collator, load_data_file, take_sample, build_splits, clean, make_loader, resolve_max_length, tokenize
 from .errors import ToolkitError
@@ -53,6 +53,7 @@ def main(cfg: EvalConfig) -> int:
     saved = load_saved(cfg.model)
     data = data_config(cfg, saved)
     accelerator = setup(cfg.cpu, cfg.mixed_precision)
+    logs.configure(1, accelerator.is_main_process, accelerator.distributed_type == "DEEPSPEED")
     run_log = RunLog(accelerator.is_main_process)
     run_log.print(f"scoring the {saved.kind} at {saved.path}")
     model, tokenizer = saved.model, saved.tokenizer
