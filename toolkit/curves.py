@@ -36,7 +36,7 @@ def read_log(run_dir: Path) -> tuple[list[dict], list[dict]]:
 def smooth(values: list[float], weight: float | None = None) -> list[float]:
     """TensorBoard-style debiased exponential moving average; the weight follows the number of points."""
     if weight is None:
-        weight = min(0.9, max(0.0, 1 - 8 / max(len(values), 1)))
+        weight = min(0.9, max(0.0, 1 - 4 / max(len(values), 1)))
     out, avg = [], 0.0
     for i, v in enumerate(values, start=1):
         avg = weight * avg + (1 - weight) * v
@@ -68,8 +68,10 @@ def _labels(runs: list[Path]) -> list[str]:
 
 def plot(runs: list[Path], target: Path, title: str | None = None) -> Path:
     """Draw the runs' curves into `target` (PNG); one colour per run."""
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
-    (ax_loss, ax_lr, ax_speed), (ax_f1, ax_eloss, ax_acc) = axes
+    fig = plt.figure(figsize=(15, 8), layout="constrained")
+    grid = fig.add_gridspec(2, 6)
+    ax_loss, ax_lr, ax_speed = (fig.add_subplot(grid[0, 2 * i:2 * i + 2]) for i in range(3))
+    ax_f1, ax_eloss = fig.add_subplot(grid[1, :3]), fig.add_subplot(grid[1, 3:])
     single = len(runs) == 1
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     max_step, max_epoch = 1, 1
@@ -93,16 +95,18 @@ def plot(runs: list[Path], target: Path, title: str | None = None) -> Path:
         epochs = [e["epoch"] for e in evals]
         max_step = max([max_step, *steps])
         max_epoch = max([max_epoch, *[int(x) for x in epochs]])
-        for ax, key in ((ax_f1, "eval_f1"), (ax_eloss, "eval_loss"), (ax_acc, "eval_accuracy")):
+        for ax, key, style in ((ax_f1, "eval_f1", "-"), (ax_f1, "eval_accuracy", "--"), (ax_eloss, "eval_loss", "-")):
             values = [e.get(key, float("nan")) for e in evals]
             if values:
-                ax.plot(epochs, values, color=colour, marker="o", lw=2, label=label)
+                name = {"eval_f1": "F1", "eval_accuracy": "accuracy"}.get(key, label)
+                ax.plot(epochs, values, color=colour, marker="o" if style == "-" else "s", ls=style, lw=2,
+                        label=name if single else (label if key != "eval_accuracy" else None))
                 if single:
                     for x, y in zip(epochs, values):
                         ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=9)
     for ax, name, xlabel in ((ax_loss, "training loss", "optimizer step"), (ax_lr, "learning rate", "optimizer step"),
-                             (ax_speed, "training samples/s", "optimizer step"), (ax_f1, "eval F1", "epoch"),
-                             (ax_eloss, "eval loss", "epoch"), (ax_acc, "eval accuracy", "epoch")):
+                             (ax_speed, "training samples/s", "optimizer step"),
+                             (ax_f1, "eval F1 (solid) and accuracy (dashed)", "epoch"), (ax_eloss, "eval loss", "epoch")):
         ax.set_title(name)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
@@ -112,8 +116,9 @@ def plot(runs: list[Path], target: Path, title: str | None = None) -> Path:
             ax.margins(y=0.25)
         else:
             ax.set_xlim(0, max_step * 1.03 + 1)
-        if ax.get_legend_handles_labels()[0] and (single and ax is ax_loss or not single and ax is ax_lr):
+        if ax.get_legend_handles_labels()[0] and (single and ax in (ax_loss, ax_f1) or not single and ax is ax_lr):
             ax.legend(fontsize=9)
+    ax_f1.set_ylim(-0.02, 1.08)  # scores on their whole scale: a flat 0.5 is chance, not a trend
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     ax_speed.set_ylim(bottom=0)
     fig.suptitle(title or ("training curves: " + ", ".join(_labels(runs)) if single else f"{len(runs)} runs"), fontsize=13)

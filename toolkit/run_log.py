@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +21,9 @@ class RunLog:
     def __init__(self, is_main: bool, log_path: Path | None = None, verbosity: int = 1):
         self.is_main = is_main
         self.console = Console(stderr=False, highlight=False, soft_wrap=True)  # long lines are not cut into two
+        if not self.console.is_terminal and "COLUMNS" not in os.environ:
+            # A log file (SLURM, CI, a pipe) has no width: rich's 80 columns would squeeze the progress line.
+            self.console.width = 120
         self.log_path = log_path
         self.verbosity = verbosity  # 0 --quiet (final table only), 1 default, 2 --verbose
         self.trackers = None  # an Accelerator with started trackers (tracking.start), or None

@@ -11,7 +11,7 @@ Resume (`--resume-from`): the ids go to `<run>/trackers.json`, and a resumed run
 same tracker run where the tracker can:
   * wandb: same run id with `resume="allow"` (offline runs share the id and sync into one run);
   * mlflow: same `run_id` (metrics append to the run's history);
-  * trackio: same project and run name with `resume="allow"`;
+  * trackio: same project and run name with `resume="must"`;
   * tensorboard: same log folder; `purge_step` drops the events a preempted run logged after its
     last checkpoint, so the replayed steps are not drawn twice.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -60,6 +61,11 @@ def hyperparameters(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+def default_run_name(out: Path) -> str:
+    """The run folder's name; a comparison's OUTPUT_DIR/<policy>/seed-<s> folder is named <policy>/seed-<s>."""
+    return f"{out.parent.name}/{out.name}" if re.fullmatch(r"seed-\d+", out.name) else out.name
+
+
 def start(accelerator, run_log, names: list[str], out: Path, run_name: str, config: dict, resume_step: int | None,
           quiet: bool = False) -> None:
     """Start the trackers on the main process and route `run_log.record` to them.
@@ -96,7 +102,9 @@ def start(accelerator, run_log, names: list[str], out: Path, run_name: str, conf
                                       run_id=known.get("mlflow", {}).get("run_id"), run_name=run_name))
     if "trackio" in names:
         # A local SQLite database in TRACKIO_DIR (default ~/.cache/huggingface/trackio); no Space, no upload.
-        trackers.append(TrackioTracker(os.environ.get("TRACKIO_PROJECT", PROJECT), name=run_name, resume="allow",
+        # "must" continues the run of that name; a new run never appends to an older one of the same name.
+        trackers.append(TrackioTracker(os.environ.get("TRACKIO_PROJECT", PROJECT), name=run_name,
+                                       resume="must" if "trackio" in known else "never",
                                        embed=False, auto_log_cpu=False, auto_log_gpu=False))
         ids["trackio"] = {"project": os.environ.get("TRACKIO_PROJECT", PROJECT), "name": run_name}
     # The run folder is known only once the process group exists (rank 0 names it), after the
