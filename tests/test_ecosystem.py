@@ -63,13 +63,13 @@ def tracked(tmp_path_factory, tiny_model, data_dir):
     out = tmp / "run"
     common = ["train", "--model", tiny_model, "--data-dir", data_dir, *DATA, "--output-dir", str(out),
               "--report-to", "tensorboard,wandb,mlflow,trackio", "--run-name", "t13"]
-    first = _module_run([*common, "--epochs", "1"], tmp, env)
+    first = _module_run([*common, "--epochs", "1", "--verbose"], tmp, env)
     ids_first = read_json(out / "trackers.json")
-    second = _module_run([*common, "--epochs", "2", "--resume-from", "auto"], tmp, env)
+    second = _module_run([*common, "--epochs", "2", "--resume-from", "auto", "--quiet"], tmp, env)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"tmp": tmp, "out": out, "env": env, "ids_first": ids_first, "ids": read_json(out / "trackers.json"),
             "train": [e for e in lines if "loss" in e], "eval": [e for e in lines if "eval_f1" in e],
-            "logs": first.stdout + second.stdout}
+            "first": first.stdout + first.stderr, "second": second.stdout + second.stderr}
 
 
 def test_run_log_steps(tracked):
@@ -77,7 +77,17 @@ def test_run_log_steps(tracked):
     assert [e["step"] for e in tracked["train"]] == [2, 4, 6, 8, 10, 12]
     assert [(e["epoch"], e["step"]) for e in tracked["eval"]] == [(1, 6), (2, 12)]
     assert tracked["ids"] == tracked["ids_first"], "a resumed run must keep its tracker ids"
-    assert "resumed from" in tracked["logs"]
+
+
+
+def test_verbose_and_quiet_output(tracked):
+    # --verbose (first run): the libraries' own reports and the trackers' notices are back.
+    assert "trackers: tensorboard, wandb, mlflow, trackio; run name t13" in tracked["first"]
+    assert "LOAD REPORT" in tracked["first"] and "Trackio project initialized" in tracked["first"]
+    # --quiet (resumed run): the final table only.
+    assert "final metrics" in tracked["second"] and "f1" in tracked["second"]
+    for shown_by_default in ("world 1 process", "data: 48", "freeze policy", "resumed from", "trackers:", "Trackio", "epoch 2:"):
+        assert shown_by_default not in tracked["second"], shown_by_default
 
 
 def test_tensorboard_events_hold_the_metrics(tracked):

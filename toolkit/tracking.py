@@ -18,7 +18,9 @@ same tracker run where the tracker can:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import os
 import re
@@ -67,7 +69,7 @@ def default_run_name(out: Path) -> str:
 
 
 def start(accelerator, run_log, names: list[str], out: Path, run_name: str, config: dict, resume_step: int | None,
-          quiet: bool = False) -> None:
+          verbosity: int = 1) -> None:
     """Start the trackers on the main process and route `run_log.record` to them.
 
     `resume_step`: the optimizer step a resumed run continues from (None for a new run); the
@@ -93,7 +95,7 @@ def start(accelerator, run_log, names: list[str], out: Path, run_name: str, conf
 
         run_id = known.get("wandb", {}).get("id") or secrets.token_hex(4)  # chosen here, so it is known before init
         ids["wandb"] = {"id": run_id}
-        settings = wandb.Settings(silent=True) if quiet else None
+        settings = wandb.Settings(silent=True) if verbosity == 0 else None
         trackers.append(WandBTracker(os.environ.get("WANDB_PROJECT", PROJECT), name=run_name, id=run_id, resume="allow",
                                      dir=os.environ.get("WANDB_DIR", str(out)), settings=settings))
     if "mlflow" in names:
@@ -110,14 +112,15 @@ def start(accelerator, run_log, names: list[str], out: Path, run_name: str, conf
     # The run folder is known only once the process group exists (rank 0 names it), after the
     # Accelerator is built, so the tracker objects are handed over here rather than to Accelerator(log_with=).
     accelerator.log_with = trackers
-    accelerator.init_trackers(PROJECT, config=hyperparameters(config) if resume_step is None else None)
+    with _quiet_stdout(verbosity):
+        accelerator.init_trackers(PROJECT, config=hyperparameters(config) if resume_step is None else None)
     if "mlflow" in names:
         ids["mlflow"] = {"run_id": accelerator.get_tracker("mlflow").tracker.info.run_id,
                          "tracking_uri": _mlflow_uri()}
     ids_path.write_text(json.dumps(ids, indent=2) + "\n")
     run_log.trackers = accelerator
     what = ", ".join(names) + (f" (resumed at step {resume_step})" if resume_step is not None else "")
-    run_log.detail(f"trackers: {what}; run {run_name}; ids in {ids_path}")
+    run_log.print(f"trackers: {what}; run name {run_name}; ids in {ids_path}")
 
 
 def _mlflow_uri() -> str:
@@ -126,10 +129,16 @@ def _mlflow_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+def _quiet_stdout(verbosity: int):
+    # trackio prints seven lines of dashboard hints on stdout at start and at finish; --verbose keeps them.
+    return contextlib.nullcontext() if verbosity >= 2 else contextlib.redirect_stdout(io.StringIO())
+
+
 def finish(accelerator, run_log) -> None:
     """Close the trackers (not `accelerator.end_training`, which would also end the process group)."""
-    for tracker in getattr(accelerator, "trackers", []):
-        tracker.finish()
+    with _quiet_stdout(run_log.verbosity):
+        for tracker in getattr(accelerator, "trackers", []):
+            tracker.finish()
     if hasattr(accelerator, "trackers"):
         accelerator.trackers = []
     run_log.trackers = None

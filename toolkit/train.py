@@ -213,7 +213,7 @@ def main(cfg: TrainConfig) -> int:
     if cache is not None:
         state.train_runtime_s += cache.train_seconds  # it replaced the frozen part's forward passes
     tracking.start(accelerator, run_log, trackers, out, cfg.run_name or tracking.default_run_name(out), cfg.to_dict(),
-                   resume_step=state.global_step if resume is not None else None, quiet=cfg.quiet)
+                   resume_step=state.global_step if resume is not None else None, verbosity=verbosity)
 
     last_eval: dict[int, EvalResult] = {}  # global step -> result, so the end-of-run eval is not repeated
 
