@@ -35,7 +35,7 @@ from .train import main as train_main
 
 # Settings that change how a run is carried out or logged, not what it computes.
 NOT_COMPARED = {"output_dir", "resume_from", "stop_file", "log_every", "checkpoint_every", "keep_checkpoints",
-                "num_workers", "resolved"}
+                "num_workers", "resolved", "report_to", "run_name", "quiet", "verbose"}
 
 
 @dataclass

@@ -82,6 +82,13 @@ class TrainConfig:
     cache_frozen: bool = _opt(False, "head/lastN: compute the frozen part's outputs once (eval mode, no dropout) and train "
                                      "the trainable part on them every epoch (see docs/performance.md)")
     compile: bool = _opt(False, "torch.compile the model (opt-in: compile time is only repaid by long runs)")
+    report_to: str = _opt("none", "experiment trackers, comma-separated: tensorboard, wandb, mlflow, trackio (or none)")
+    run_name: Optional[str] = _opt(None, "the run's name in the trackers (default: the output folder's name)")
+    metrics: Optional[str] = _opt(None, "extra eval metrics from the `evaluate` library, e.g. matthews_correlation,f1 "
+                                        "(Hub names, cached ones, or paths to metric scripts); the default set is "
+                                        "scikit-learn's f1/accuracy/precision/recall")
+    quiet: bool = _opt(False, "print only the final metrics table (and errors)")
+    verbose: bool = _opt(False, "also show library logs and progress bars (datasets, transformers) and extra details")
     data: DataConfig = field(default_factory=DataConfig)
 
     def resolve_output_dir(self) -> Path:
@@ -105,6 +112,7 @@ class EvalConfig:
     dist_timeout: float = _opt(1800, "seconds a collective may wait for the other processes (process-group timeout)")
     seed: int = _opt(42, "seed")
     output_dir: Optional[str] = _opt(None, "where metrics.json and predictions.csv go (default: runs/eval-<task>-<time>)")
+    metrics: Optional[str] = _opt(None, "extra metrics from the `evaluate` library (see train --help)")
     data: DataConfig = field(default_factory=DataConfig)
 
     def resolve_output_dir(self) -> Path:

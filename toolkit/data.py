@@ -29,6 +29,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from .config import DataConfig
 from .errors import ToolkitError
+from .logs import tokenize_progress
 
 FILE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 
@@ -443,8 +444,9 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, n
         return enc
 
     num_proc = num_proc or default_num_proc(len(ds))
-    return ds.map(encode, batched=True, with_indices=True, remove_columns=["text"],
-                  num_proc=num_proc if num_proc > 1 else None, new_fingerprint=fingerprint, desc="tokenize")
+    with tokenize_progress(len(ds)):
+        return ds.map(encode, batched=True, with_indices=True, remove_columns=["text"],
+                      num_proc=num_proc if num_proc > 1 else None, new_fingerprint=fingerprint, desc="tokenize")
 
 
 def resolve_max_length(requested: int | None, tokenizer: PreTrainedTokenizerBase, model_max_positions: int | None) -> int:

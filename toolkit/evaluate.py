@@ -12,6 +12,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from . import library_metrics, logs
 from .config import DataConfig, EvalConfig, save_json
 from .distributed import main_process_first
 from .data import Collator, load_data_file, take_sample, build_splits, clean, make_loader, resolve_max_length, tokenize
@@ -52,9 +53,11 @@ def data_config(cfg: EvalConfig, saved: Saved) -> DataConfig:
 
 
 def main(cfg: EvalConfig) -> int:
+    extra_metrics = library_metrics.load(cfg.metrics)
     saved = load_saved(cfg.model)
     data = data_config(cfg, saved)
     accelerator = setup(cfg.cpu, cfg.mixed_precision, dist_timeout_s=cfg.dist_timeout, tf32=cfg.tf32)
+    logs.configure(1, accelerator.is_main_process, accelerator.distributed_type == "DEEPSPEED")
     run_log = RunLog(accelerator.is_main_process)
     run_log.print(f"scoring the {saved.kind} at {saved.path}")
     model, tokenizer = saved.model, saved.tokenizer
@@ -74,6 +77,7 @@ def main(cfg: EvalConfig) -> int:
             "source": saved.kind, "weights": str(saved.path), "max_length": max_length, "eval_batch_size": batch_size,
             "eval_examples": len(eval_tok), "world_size": accelerator.num_processes}})
         write_predictions(out / "predictions.csv", result)
+        result.metrics.update(library_metrics.compute(extra_metrics, result.labels, result.preds, data.num_labels))
         metrics = {**result.metrics, "f1_average": f1_average(data.num_labels),
                    "total_params": sum(p.numel() for p in model.parameters()),
                    "world_size": accelerator.num_processes, "model": cfg.model, "source": saved.kind}

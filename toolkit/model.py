@@ -37,17 +37,20 @@ def max_positions(name: str) -> int | None:
         raise _hub_error(name, exc) from exc
 
 
-def load_model(name: str, num_labels: int, label_names: list[str] | tuple[str, ...] | None = None) -> PreTrainedModel:
+def load_model(name: str, num_labels: int, label_names: list[str] | tuple[str, ...] | None = None,
+               log=None) -> PreTrainedModel:
     """The classifier with `num_labels` outputs; label names become its id2label/label2id, so a saved model's
-    pipeline("text-classification") answers with them."""
+    pipeline("text-classification") answers with them. `log` gets one line naming the weights the checkpoint
+    lacked (the new head), in place of transformers' load report (silenced by logs.configure)."""
     _check_local(name)
     names = list(label_names) if label_names and len(label_names) == num_labels else [f"LABEL_{i}" for i in range(num_labels)]
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             name,
             num_labels=num_labels,
             id2label=dict(enumerate(names)),
             label2id={n: i for i, n in enumerate(names)},
+            output_loading_info=True,
         )
     except (OSError, ValueError) as exc:
         raise _hub_error(name, exc) from exc
@@ -57,6 +60,12 @@ def load_model(name: str, num_labels: int, label_names: list[str] | tuple[str, .
         raise ToolkitError(f"model '{name}' already has a classification head of another size than the "
                            f"{num_labels} classes of the data", "start from its base encoder, or pass --num-labels / "
                            "--label-names to match the head it has") from exc
+    if log is not None:
+        new = sorted(info.get("missing_keys", []))
+        unused = info.get("unexpected_keys", [])
+        log(f"new (randomly initialised) weights: {', '.join(new) if new else 'none'}"
+            + (f"; {len(unused)} checkpoint weights unused (e.g. a pre-training head)" if unused else ""))
+    return model
 
 
 def _check_local(name: str) -> None:

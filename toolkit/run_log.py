@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -17,20 +18,37 @@ from .freeze import FreezeSummary
 class RunLog:
     """What a run shows (rank 0 only, so N ranks do not print N copies) and records in metrics.jsonl."""
 
-    def __init__(self, is_main: bool, log_path: Path | None = None):
+    def __init__(self, is_main: bool, log_path: Path | None = None, verbosity: int = 1):
         self.is_main = is_main
-        self.console = Console(stderr=False, highlight=False)
+        self.console = Console(stderr=False, highlight=False, soft_wrap=True)  # long lines are not cut into two
+        if not self.console.is_terminal and "COLUMNS" not in os.environ:
+            # A log file (SLURM, CI, a pipe) has no width: rich's 80 columns would squeeze the progress line.
+            self.console.width = 120
         self.log_path = log_path
+        self.verbosity = verbosity  # 0 --quiet (final table only), 1 default, 2 --verbose
+        self.trackers = None  # an Accelerator with started trackers (tracking.start), or None
 
     def print(self, *objects) -> None:
-        if self.is_main:
+        if self.is_main and self.verbosity >= 1:
+            self.console.print(*objects)
+
+    def detail(self, *objects) -> None:
+        """Shown with --verbose only."""
+        if self.is_main and self.verbosity >= 2:
             self.console.print(*objects)
 
     def record(self, entry: dict) -> None:
-        """Append one JSON line to metrics.jsonl (append mode: a resumed run keeps its history)."""
-        if self.is_main and self.log_path is not None:
+        """The one sink for metrics: a JSON line in metrics.jsonl (append mode: a resumed run keeps its
+        history) and the same numbers to the experiment trackers at the same step."""
+        if not self.is_main:
+            return
+        if self.log_path is not None:
             with self.log_path.open("a") as fh:
                 fh.write(json.dumps(entry) + "\n")
+        if self.trackers is not None:
+            values = {k: v for k, v in entry.items()
+                      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.trackers.log(values, step=entry.get("step"))
 
     def freeze_table(self, summary: FreezeSummary) -> None:
         table = Table(title=f"freeze policy: {summary.policy}")
@@ -45,16 +63,22 @@ class RunLog:
         self.print(table)
 
     def metrics_table(self, title: str, metrics: dict) -> None:
-        table = Table(title=title)
+        """Shown even with --quiet: it is the run's result."""
+        if not self.is_main:
+            return
+        # The title goes on its own unwrapped line: as a table title, a long one (a run folder path)
+        # would wrap over the narrow table.
+        self.console.print(f"[bold]{title}[/bold]", soft_wrap=True)
+        table = Table()
         table.add_column("metric")
         table.add_column("value", justify="right")
         for key, value in metrics.items():
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-        self.print(table)
+        self.console.print(table)
 
     @contextmanager
     def progress(self, total: int, completed: int = 0) -> Iterator["_Bar"]:
-        if not self.is_main:
+        if not self.is_main or self.verbosity < 1:
             yield _Bar(None, None)
             return
         columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),

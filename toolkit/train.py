@@ -20,6 +20,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, bro
 from transformers import get_linear_schedule_with_warmup
 
 from . import checkpoint as ckpt
+from . import curves, library_metrics, logs, tracking
 from .cluster import detect, export_torch_distributed_env
 from .config import TrainConfig, save_json
 from .distributed import DEFAULT_DIST_TIMEOUT_S, main_process_first, process_group_kwargs
@@ -129,8 +130,12 @@ def main(cfg: TrainConfig) -> int:
     if cfg.cache_frozen and cfg.frozen_dropout:
         raise ToolkitError("--cache-frozen computes the frozen part once, without dropout, so --frozen-dropout cannot apply",
                            "drop one of the two flags")
+    trackers = tracking.check(cfg.report_to)
+    extra_metrics = library_metrics.load(cfg.metrics)  # loaded now: a bad name must fail before any output
     accelerator = setup(cfg.cpu, cfg.mixed_precision, cfg.grad_accum, cfg.dist_timeout, cfg.tf32)
-    run_log = RunLog(accelerator.is_main_process)
+    verbosity = 0 if cfg.quiet else 2 if cfg.verbose else 1
+    logs.configure(verbosity, accelerator.is_main_process, accelerator.distributed_type == DistributedType.DEEPSPEED)
+    run_log = RunLog(accelerator.is_main_process, verbosity=verbosity)
     env = detect()
     run_log.print(f"[bold]world[/bold] {accelerator.num_processes} process(es) on {accelerator.device}, "
                    f"{accelerator.distributed_type}, mixed precision {accelerator.mixed_precision}; {env.describe()}")
@@ -141,7 +146,7 @@ def main(cfg: TrainConfig) -> int:
     requested = cfg.to_dict()  # config.json keeps the options as given (compare.py matches runs on them)
     # The data decide the classes (num_labels, label names), so the model is built after them.
     train_ds, eval_ds, max_length = prepare_data(accelerator, cfg.data, tokenizer, max_positions(cfg.model), run_log)
-    model = load_model(cfg.model, cfg.data.num_labels, cfg.data.label_names)
+    model = load_model(cfg.model, cfg.data.num_labels, cfg.data.label_names, log=run_log.print)
     summary = apply_freeze(model, cfg.freeze)
     run_log.print(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples, max length {max_length}")
     run_log.freeze_table(summary)
@@ -150,7 +155,7 @@ def main(cfg: TrainConfig) -> int:
     # A frozen feature extractor runs as at inference (Keras' transfer-learning convention): its dropout
     # only adds noise below the trained layers, and on CPU it keeps attention off the fused kernel.
     if not cfg.frozen_dropout and (changed := disable_frozen_dropout(model, cfg.freeze)):
-        run_log.print(f"frozen part without dropout ({changed} dropout modules; --frozen-dropout keeps it)")
+        run_log.detail(f"frozen part without dropout ({changed} dropout modules; --frozen-dropout keeps it)")
 
     out = shared_output_dir(accelerator, cfg)
     resume = ckpt.resolve_resume(cfg.resume_from, out)
@@ -222,6 +227,8 @@ def main(cfg: TrainConfig) -> int:
                        f"{state.batches_done} batches into the epoch[/green]")
     if cache is not None:
         state.train_runtime_s += cache.train_seconds  # it replaced the frozen part's forward passes
+    tracking.start(accelerator, run_log, trackers, out, cfg.run_name or tracking.default_run_name(out), cfg.to_dict(),
+                   resume_step=state.global_step if resume is not None else None, verbosity=verbosity)
 
     last_eval: dict[int, EvalResult] = {}  # global step -> result, so the end-of-run eval is not repeated
 
@@ -230,6 +237,8 @@ def main(cfg: TrainConfig) -> int:
             return last_eval[state.global_step]
         result = last_eval[state.global_step] = validate(accelerator, model, eval_loader, cfg.data.num_labels, len(eval_ds),
                                                         cfg.data.label_names)
+        if extra_metrics and accelerator.is_main_process:  # on the gathered, de-duplicated rows, main process only
+            result.metrics.update(library_metrics.compute(extra_metrics, result.labels, result.preds, cfg.data.num_labels))
         run_log.record({"epoch": epoch, "step": state.global_step, **{f"eval_{k}" if not k.startswith("eval") else k: v
                                                                        for k, v in result.metrics.items()}})
         run_log.print(f"epoch {epoch}: f1 {result.metrics['f1']:.4f} accuracy {result.metrics['accuracy']:.4f} "
@@ -244,6 +253,7 @@ def main(cfg: TrainConfig) -> int:
                      accelerator, out, {"state": s.to_dict(), "config": cfg.to_dict()}, cfg.keep_checkpoints),
                  flop_model=flop_model, peak_flops=peak_flops)
     if status == "preempted":
+        tracking.finish(accelerator, run_log)
         run_log.print(f"[yellow]checkpoint saved; exiting with {PREEMPTED_EXIT_CODE} so the job can be requeued[/yellow]")
         return PREEMPTED_EXIT_CODE
 
@@ -275,6 +285,8 @@ def main(cfg: TrainConfig) -> int:
             "freeze": cfg.freeze,
         }
         save_json(out / "metrics.json", metrics)
+        curves.plot_run(out)
         run_log.metrics_table(f"final metrics ({out})", metrics)
+    tracking.finish(accelerator, run_log)
     accelerator.wait_for_everyone()
     return 0

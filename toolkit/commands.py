@@ -1,0 +1,73 @@
+"""The installed commands ([project.scripts] in pyproject.toml) and `python -m toolkit COMMAND`.
+
+    bert-ft-train ...        = python -m toolkit train ...    = python launch/train.py ...
+    accelerate launch -m toolkit train --freeze last2        (any launcher config, any number of processes)
+
+`accelerate launch` needs a script path or `-m module`; `-m toolkit train` works from any folder
+once the package is installed (the console scripts are Python files too:
+`accelerate launch "$(which bert-ft-train)" ...` works as well).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import launch
+
+
+def train() -> None:
+    """Fine-tune a BERT-class classifier (bert-ft-train --help lists every option)."""
+    from .config import TrainConfig
+    from .train import main
+
+    launch(main, TrainConfig, "Fine-tune a BERT-class classifier (bert-ft-train, python -m toolkit train).")
+
+
+def evaluate() -> None:
+    from .config import EvalConfig
+    from .evaluate import main
+
+    launch(main, EvalConfig, "Score a trained model on an eval set (bert-ft-evaluate, python -m toolkit evaluate).")
+
+
+def predict() -> None:
+    from .predict import PredictConfig, main
+
+    launch(main, PredictConfig, "Classify texts with a trained model (bert-ft-predict, python -m toolkit predict).")
+
+
+def compare() -> None:
+    from .compare import CompareConfig, main
+
+    launch(main, CompareConfig, "Train several freeze policies and write a comparison report "
+                                "(bert-ft-compare, python -m toolkit compare).")
+
+
+def plot(argv: list[str] | None = None) -> None:
+    from rich.console import Console
+
+    from .curves import main
+    from .errors import ToolkitError
+
+    try:
+        code = main(argv)
+    except ToolkitError as err:
+        console = Console(stderr=True, highlight=False)
+        console.print(f"[bold red]error:[/bold red] {err.problem}")
+        console.print(f"[bold]fix:[/bold] {err.fix}")
+        code = 2
+    sys.exit(code)
+
+
+COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict, "compare": compare, "plot": plot}
+
+
+def dispatch() -> None:
+    """python -m toolkit COMMAND [OPTIONS]"""
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(f"usage: python -m toolkit {{{','.join(COMMANDS)}}} [options]   (COMMAND --help for its options)",
+              file=sys.stderr)
+        sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
+    command = sys.argv.pop(1)
+    sys.argv[0] = f"toolkit {command}"
+    COMMANDS[command]()
