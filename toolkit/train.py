@@ -26,6 +26,7 @@ from .errors import ToolkitError
 from .freeze import apply_freeze, parse_policy
 from .frozen_cache import FrozenCache
 from .loop import EvalResult, TrainState, fit, validate
+from .memory import reset_peak, run_memory
 from .model import build_optimizer, load_model, load_tokenizer
 from .precision import choose_mixed_precision, device_capability
 from .preemption import PREEMPTED_EXIT_CODE, StopRequest
@@ -122,6 +123,7 @@ def main(cfg: TrainConfig) -> int:
     run_log.print(f"[bold]world[/bold] {accelerator.num_processes} process(es) on {accelerator.device}, "
                    f"{accelerator.distributed_type}, mixed precision {accelerator.mixed_precision}; {env.describe()}")
     set_seed(cfg.seed)
+    reset_peak(accelerator.device)  # metrics.json reports this run's peak memory
 
     # ---- inputs: everything that can be wrong is checked here, before any output
     preset = get_preset(cfg.data.task)
@@ -235,6 +237,7 @@ def main(cfg: TrainConfig) -> int:
     if cache is not None:
         cache.restore()  # the saved model runs its frozen part again
     ckpt.save_model(accelerator, model, tokenizer, out / "model")
+    memory = run_memory(accelerator, optimizer)  # max over ranks; every rank takes part
     if accelerator.is_main_process:
         write_predictions(out / "predictions.csv", result)
         metrics = {
@@ -253,6 +256,7 @@ def main(cfg: TrainConfig) -> int:
             "global_step": state.global_step,
             "trainable_params": summary.trainable,
             "total_params": summary.total,
+            **memory,
             "world_size": accelerator.num_processes,
             "freeze": cfg.freeze,
         }
