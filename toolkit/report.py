@@ -118,7 +118,7 @@ def markdown(report: dict) -> str:
         lines.append(f"- `{p['policy']}`: {p['degenerate']} of {p['n']} runs **degenerate** (one class predicted for "
                      f"every eval example; seed {_seeds(p['degenerate_seeds'])}): F1 mean {_fmt(p['f1']['mean'], '.4f')} "
                      f"with them, {_fmt(p['f1_without_degenerate']['mean'], '.4f')} without "
-                     f"({p['f1_without_degenerate']['n']} runs).")
+                     f"({p['f1_without_degenerate']['n']} run{'s' if p['f1_without_degenerate']['n'] != 1 else ''}).")
     lines += ["", ("Statistics over the training seeds: std is the sample standard deviation (n − 1); the 95 % CI of a "
                    "mean is mean ± t·std/√n with Student's t at n − 1 degrees of freedom (none for one seed). "
                    f"ΔF1 is paired: per seed, F1 of the policy − F1 of `{baseline or 'the baseline'}` on that same seed, "
