@@ -34,6 +34,6 @@ def test_notebook_runs_headless_and_shows_the_report(tmp_path, minilm, data_dir,
     shown = [o for o in outputs if o.output_type == "display_data"]
     assert any("image/png" in o.data for o in shown), "the chart is shown inline"
     table = next(o.data["text/markdown"] for o in shown if "text/markdown" in o.data)
-    assert "| `last2` | reused |" in table and "seed write-up" in table
+    assert "| `last2` | 42 | reused |" in table and "seed write-up" in table
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert printed.count('"label": ') == 2  # predict labelled both example reviews

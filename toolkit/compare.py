@@ -1,10 +1,13 @@
-"""Train several freeze policies under identical settings and report them side by side.
+"""Train several freeze policies over several training seeds under identical settings, then report them.
 
-Each policy is an ordinary training run (toolkit.train.main) in OUTPUT_DIR/<policy>/, always
-started from the pretrained --model, so the runs differ only in what they freeze. A run is
-finished iff its metrics.json exists (train.main writes it last). Finished runs are reused, so
-re-running the command after a failure, a preemption or with an extra policy trains only what is
-missing; a finished run trained with other settings is refused rather than mixed into the table.
+The orchestration only: summary.py computes the statistics, report.py writes report.md/json and
+chart.py draws report.png. Each (policy, seed) is an ordinary training run (toolkit.train.main) in
+OUTPUT_DIR/<policy folder>/seed-<seed>/, always started from the pretrained --model on the same data
+rows (--data-seed), so runs of one seed differ only in what they freeze and runs of one policy only in
+their training seed. A run is finished iff its metrics.json exists (train.main writes it last).
+Finished runs are reused, so re-running the command after a failure, a preemption or with an extra
+policy or seed trains only what is missing; a finished run trained with other settings is refused
+rather than mixed into the table.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import copy
 import dataclasses
 import gc
 import json
+import re
 import time
 import traceback
 from dataclasses import dataclass
@@ -25,7 +29,7 @@ from accelerate.utils import broadcast_object_list
 from rich.console import Console
 from rich.markup import escape
 
-from . import report
+from . import report, summary
 from .config import TrainConfig, _opt, save_json
 from .errors import ToolkitError
 from .freeze import parse_policy
@@ -33,6 +37,7 @@ from .preemption import PREEMPTED_EXIT_CODE
 from .train import shared_output_dir, setup
 from .train import main as train_main
 
+BASELINE = "none"  # the baseline of the paired differences when listed, else the first policy
 # Settings that change how a run is carried out or logged, not what it computes.
 NOT_COMPARED = {"output_dir", "resume_from", "stop_file", "log_every", "checkpoint_every", "keep_checkpoints",
                 "num_workers", "resolved", "report_to", "run_name", "quiet", "verbose"}
@@ -41,7 +46,11 @@ NOT_COMPARED = {"output_dir", "resume_from", "stop_file", "log_every", "checkpoi
 @dataclass
 class CompareConfig(TrainConfig):
     policies: str = _opt("none,last2,head", "comma-separated freeze policies to train one after another "
-                                            "(none, head, lastN); 'none' is the baseline for speed-up and F1 change")
+                                            "(any --freeze policy of train.py); 'none' (else the first one listed) is "
+                                            "the baseline for the paired F1 change and speed-up")
+    seeds: Optional[str] = _opt(None, "comma-separated training seeds, every policy trained once per seed "
+                                      "(e.g. 42,43,44; default: --seed alone); the data rows stay those of --data-seed")
+    repeats: Optional[int] = _opt(None, "train every policy with K seeds: --seed, --seed+1, ..., --seed+K-1")
     freeze: Optional[str] = _opt(None, argparse.SUPPRESS)  # replaced by --policies; given anyway -> a clear error
 
     def resolve_output_dir(self) -> Path:
@@ -58,13 +67,50 @@ def parse_policies(text: str) -> list[str]:
     if repeated:
         raise ToolkitError(f"--policies names {', '.join(repeated)} more than once", "list each policy once")
     for policy in policies:
-        parse_policy(policy)
+        parse_policy(policy)  # the one place compare validates a policy's spelling
+    folders: dict[str, str] = {}
+    for policy in policies:
+        other = folders.setdefault(policy_folder(policy), policy)
+        if other != policy:
+            raise ToolkitError(f"--policies {other} and {policy} would share the run folder {policy_folder(policy)}",
+                               "compare them in two --output-dir folders")
     return policies
 
 
-def run_config(base: TrainConfig, policy: str, out: Path) -> TrainConfig:
+def policy_folder(policy: str) -> str:
+    """A folder name for any policy spelling: 'head>none@50' -> 'head-to-none-at-50' (the report keeps the spelling)."""
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", policy.replace(">", "-to-").replace("@", "-at-"))
+    return name.lstrip(".") or "_"
+
+
+def parse_seeds(cfg: "CompareConfig") -> list[int]:
+    if cfg.seeds is not None and cfg.repeats is not None:
+        raise ToolkitError("--seeds and --repeats both choose the training seeds", "pass only one of them")
+    if cfg.repeats is not None:
+        if cfg.repeats < 1:
+            raise ToolkitError(f"--repeats {cfg.repeats} trains nothing", "pass --repeats 1 or more")
+        return [cfg.seed + k for k in range(cfg.repeats)]
+    if cfg.seeds is None:
+        return [cfg.seed]
+    try:
+        seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ToolkitError(f"--seeds {cfg.seeds!r} is not a list of integers", "pass e.g. --seeds 42,43,44") from None
+    if not seeds:
+        raise ToolkitError("--seeds is empty", "pass e.g. --seeds 42,43,44")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ToolkitError(f"--seeds names {', '.join(map(str, repeated))} more than once", "list each seed once")
+    return seeds
+
+
+def run_dir(policy: str, seed: int) -> str:
+    return f"{policy_folder(policy)}/seed-{seed}"
+
+
+def run_config(base: TrainConfig, policy: str, seed: int, out: Path) -> TrainConfig:
     # deep copy: train.main may fill in fields, and no run may see another's changes
-    return dataclasses.replace(copy.deepcopy(base), freeze=policy, output_dir=str(out / policy))
+    return dataclasses.replace(copy.deepcopy(base), freeze=policy, seed=seed, output_dir=str(out / run_dir(policy, seed)))
 
 
 def _mismatch(saved: dict, wanted: dict, defaults: dict, prefix: str = "") -> list[str]:
@@ -80,13 +126,16 @@ def _mismatch(saved: dict, wanted: dict, defaults: dict, prefix: str = "") -> li
     return diffs
 
 
-def plan(out: Path, runs: dict[str, TrainConfig], world_size: int) -> dict[str, str]:
-    """policy -> 'reuse' | 'train'; refuses finished runs whose settings differ from this invocation's."""
+def plan(out: Path, runs: dict[tuple[str, int], TrainConfig], world_size: int) -> dict[tuple[str, int], str]:
+    """(policy, seed) -> 'reuse' | 'train'; refuses finished runs whose settings differ from this invocation's."""
     decisions = {}
-    for policy, cfg in runs.items():
-        run_dir = out / policy
+    for (policy, seed), cfg in runs.items():
+        if (out / policy_folder(policy) / "metrics.json").is_file():
+            raise ToolkitError(f"{out / policy_folder(policy)} holds a single run from an older compare "
+                               "(no seed-<s>/ folders)", "move it to a seed-<its seed>/ folder inside, or use a new --output-dir")
+        run_dir = Path(cfg.output_dir)
         if not (run_dir / "metrics.json").is_file():
-            decisions[policy] = "train"
+            decisions[policy, seed] = "train"
             continue
         saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
         diffs = _mismatch(saved, cfg.to_dict(), TrainConfig().to_dict())
@@ -94,13 +143,14 @@ def plan(out: Path, runs: dict[str, TrainConfig], world_size: int) -> dict[str, 
         if trained_on != world_size:
             diffs.append(f"processes: {trained_on} there, {world_size} now")
         if diffs:
-            raise ToolkitError(f"{run_dir} holds a finished '{policy}' run with other settings ({'; '.join(diffs[:4])})",
+            raise ToolkitError(f"{run_dir} holds a finished '{policy}' run (seed {seed}) with other settings "
+                               f"({'; '.join(diffs[:4])})",
                                "use the same options as before, a new --output-dir, or delete that run folder")
-        decisions[policy] = "reuse"
+        decisions[policy, seed] = "reuse"
     return decisions
 
 
-def _plan_or_error(out: Path, runs: dict[str, TrainConfig], world_size: int) -> dict[str, str] | ToolkitError:
+def _plan_or_error(out: Path, runs: dict, world_size: int) -> dict | ToolkitError:
     try:
         return plan(out, runs, world_size)
     except ToolkitError as err:
@@ -119,34 +169,38 @@ def main(cfg: CompareConfig) -> int:
         raise ToolkitError("compare trains every policy in --policies; it does not take --freeze",
                            f"pass --policies {cfg.freeze} (or a list such as none,last2,head)")
     policies = parse_policies(cfg.policies)
+    seeds = parse_seeds(cfg)
     if cfg.resume_from not in (None, "auto"):
-        raise ToolkitError(f"compare resumes each policy from its own folder, not from {cfg.resume_from}",
+        raise ToolkitError(f"compare resumes each run from its own folder, not from {cfg.resume_from}",
                            "pass --resume-from auto (or nothing) together with the same --output-dir")
     base = TrainConfig(**{f.name: copy.deepcopy(getattr(cfg, f.name)) for f in dataclasses.fields(TrainConfig)})
     accelerator = setup(cfg.cpu, cfg.mixed_precision, cfg.grad_accum, cfg.dist_timeout, cfg.tf32)
     out = shared_output_dir(accelerator, cfg)
-    runs = {policy: run_config(base, policy, out) for policy in policies}
+    # seed by seed: after the first seed the table already compares every policy, should the rest be cut short
+    runs = {(policy, seed): run_config(base, policy, seed, out) for seed in seeds for policy in policies}
     decisions = [_plan_or_error(out, runs, accelerator.num_processes) if accelerator.is_main_process else None]
     broadcast_object_list(decisions, from_process=0)  # every rank must train the same runs in the same order
     if isinstance(decisions[0], ToolkitError):
         raise decisions[0]  # on every rank, so none is left waiting for the others
     console = Console(stderr=True, highlight=False) if accelerator.is_main_process else None
-    hardware = report.describe_hardware(accelerator.device.type, accelerator.num_processes)
+    hardware = summary.describe_hardware(accelerator.device.type, accelerator.num_processes)
 
-    records = [{"policy": p, "run_dir": p, "status": "not run", "error": None} for p in policies]
+    records = {key: {"policy": key[0], "seed": key[1], "run_dir": run_dir(*key), "status": "not run", "error": None}
+               for key in runs}
     code = 0
-    for record, (policy, run_cfg) in zip(records, runs.items()):
-        if decisions[0][policy] == "reuse":
+    for key, run_cfg in runs.items():
+        record, name = records[key], f"{key[0]} (seed {key[1]})"
+        if decisions[0][key] == "reuse":
             record["status"] = "reused"
             if console:
-                console.print(f"[green]{policy}: finished run found in {out / policy}, reused[/green]")
+                console.print(f"[green]{escape(name)}: finished run found in {run_cfg.output_dir}, reused[/green]")
             continue
         try:
             result = train_main(run_cfg)
-        except Exception as exc:  # one policy failing must not cost the others their run
+        except Exception as exc:  # one run failing must not cost the others theirs
             record.update(status="failed", error=_describe(exc))
             if console:
-                console.print(f"[bold red]{policy} failed:[/bold red] {escape(record['error'])}")
+                console.print(f"[bold red]{escape(name)} failed:[/bold red] {escape(record['error'])}")
                 if not isinstance(exc, ToolkitError):
                     traceback.print_exc()
             result = None
@@ -158,22 +212,29 @@ def main(cfg: CompareConfig) -> int:
         if result == 0:
             record["status"] = "trained"
             if accelerator.is_main_process:
-                save_json(out / policy / "hardware.json", {"hardware": hardware})
+                save_json(Path(run_cfg.output_dir) / "hardware.json", {"hardware": hardware})
         elif result is not None:
             record.update(status="failed", error=f"training exited with status {result}")
 
     if accelerator.is_main_process:
-        data = report.write_report(out, records, base.to_dict(), hardware)
+        # in --policies order, each policy's seeds in --seeds order
+        ordered = [records[p, s] for p in policies for s in seeds]
+        baseline = BASELINE if BASELINE in policies else policies[0]
+        data = summary.collect(out, ordered, base.to_dict(), hardware, baseline, seeds)
+        report.write_report(out, data)
+        from .chart import write_chart  # matplotlib loads only when a report is drawn
+
+        write_chart(data, out / "report.png")
         print(f"\n{report.markdown(data)}\nreport: {out / 'report.md'}, {out / 'report.png'}, {out / 'report.json'}",
               flush=True)
-        failed = [r["policy"] for r in records if r["status"] == "failed"]
+        failed = [f"{r['policy']} (seed {r['seed']})" for r in ordered if r["status"] == "failed"]
         if failed:
-            console.print(f"[bold red]{len(failed)} of {len(records)} policies failed: {', '.join(failed)}[/bold red] "
+            console.print(f"[bold red]{len(failed)} of {len(ordered)} runs failed: {escape(', '.join(failed))}[/bold red] "
                           "(see report.md)")
     accelerator.wait_for_everyone()
     if code:
         return code
-    return 1 if any(r["status"] == "failed" for r in records) else 0
+    return 1 if any(r["status"] == "failed" for r in records.values()) else 0
 
 
 def _describe(exc: Exception) -> str:

@@ -1,97 +1,37 @@
-"""The comparison report: report.json (for machines), report.md (a table), report.png (a chart).
-
-Every number is read from the runs' own metrics.json, so the report can never disagree with
-the runs it summarises.
-"""
+"""report.json (for scripts) and report.md (for people) from summary.collect()'s numbers."""
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import time
 from pathlib import Path
 
-import torch
-
 from .config import save_json
-
-BASELINE = "none"
-# Published by the seed experiments, quoted for comparison only (never measured here).
-SEED_LABEL = "seed write-up (bert-base-cased, 1x T4)"
-SEED_FIGURES = {
-    "imdb-subset": {"none": {"train_time_s": 743, "f1": 0.926}, "last2": {"train_time_s": 323, "f1": 0.907},
-                    "head": {"train_time_s": 249, "f1": 0.595}},
-    "amazon-subset": {"last2": {"train_time_s": None, "f1": 0.80, "approximate": True}},
-}
-METRIC_KEYS = ("trainable_params", "total_params", "train_runtime_s", "train_samples_per_s", "eval_samples_per_s",
-               "f1", "accuracy", "eval_loss", "train_samples", "world_size")
-
-
-def describe_hardware(device_type: str, world_size: int) -> str:
-    if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        return f"{world_size} x {name}" if world_size > 1 else f"1 x {name}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpu = f"{cores}-core CPU ({_cpu_model()})"
-    return f"{world_size} processes on a {cpu}" if world_size > 1 else cpu
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def collect(out: Path, records: list[dict], base: dict, hardware: str) -> dict:
-    task = base["data"]["task"]
-    seeds = None if base["data"].get("train_file") else SEED_FIGURES.get(task)
-    runs, resolved = [], {}
-    for record in records:
-        row = dict(record)
-        metrics = _read(out / record["run_dir"] / "metrics.json") if record["status"] in ("trained", "reused") else {}
-        row.update({k: metrics.get(k) for k in METRIC_KEYS})
-        row["trainable_pct"] = 100 * metrics["trainable_params"] / metrics["total_params"] if metrics else None
-        row["hardware"] = _read(out / record["run_dir"] / "hardware.json").get("hardware") if metrics else None
-        row["seed_reference"] = seeds.get(record["policy"]) if seeds else None
-        resolved = resolved or (_read(out / record["run_dir"] / "config.json").get("resolved", {}) if metrics else {})
-        runs.append(row)
-    baseline = next((r for r in runs if r["policy"] == BASELINE and r["f1"] is not None), None)
-    for row in runs:
-        ok = baseline is not None and row["f1"] is not None
-        timed = ok and row["train_runtime_s"]
-        row["speedup_vs_none"] = baseline["train_runtime_s"] / row["train_runtime_s"] if timed else None
-        row["f1_change_vs_none"] = row["f1"] - baseline["f1"] if ok else None
-    # a run trained outside compare (e.g. by train.py into this folder) has no hardware.json: assume this machine
-    hardware_seen = sorted({r["hardware"] or hardware for r in runs if r["f1"] is not None}) or [hardware]
-    return {
-        "task": task, "model": base["model"], "output_dir": str(out), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "hardware": "; ".join(hardware_seen), "baseline": BASELINE if baseline else None,
-        "settings": {"train_examples": resolved.get("train_examples", base["data"]["train_samples"]),
-                     "eval_examples": resolved.get("eval_examples", base["data"]["eval_samples"]),
-                     "max_length": resolved.get("max_length", base["data"]["max_length"]),
-                     "world_size": resolved.get("world_size"), "mixed_precision": resolved.get("mixed_precision"),
-                     **{k: base[k] for k in ("epochs", "lr", "batch_size", "seed")}},
-        "seed_reference_label": SEED_LABEL if seeds else None,
-        "runs": runs,
-    }
-
-
-def pct(value: float) -> str:
-    # two significant digits below 0.1%: a head-only policy trains ~0.003%, not "0.00%"
-    return f"{value:.2f}%" if value >= 0.1 else f"{value:.2g}%"
+from .summary import pct
 
 
 def _fmt(value, spec: str, suffix: str = "") -> str:
     return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _mean_std(s: dict, spec: str) -> str:
+    if s["mean"] is None:
+        return "—"
+    return f"{s['mean']:{spec}} ± {s['std']:{spec}}" if s["std"] is not None else f"{s['mean']:{spec}}"
+
+
+def _ci(s: dict, spec: str) -> str:
+    return f"[{s['ci95'][0]:{spec}}, {s['ci95'][1]:{spec}}]" if s["ci95"] else "—"
+
+
+def _range(s: dict, spec: str, suffix: str = "") -> str:
+    if s["mean"] is None:
+        return "—"
+    if s["n"] == 1:
+        return f"{s['mean']:{spec}}{suffix}"
+    return f"{s['mean']:{spec}}{suffix} ({s['min']:{spec}}–{s['max']:{spec}})"
+
+
+def _bytes(n) -> str:
+    return "—" if n is None else f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
 
 
 def _seed_cell(ref: dict | None) -> str:
@@ -101,39 +41,112 @@ def _seed_cell(ref: dict | None) -> str:
     return f"{ref['train_time_s']} s · {f1}" if ref.get("train_time_s") else f1
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _seeds(seeds: list[int]) -> str:
+    return ", ".join(str(s) for s in seeds)
+
+
+def _verdict(p: dict, baseline: str) -> str | None:
+    vs = p["vs_baseline"]
+    if vs is None or p["policy"] == baseline:
+        return None
+    change, speed = vs["f1_change"], vs["speedup"]
+    text = f"- `{p['policy']}` vs `{baseline}`: ΔF1 {change['mean']:+.4f}"
+    if change["ci95"]:
+        lo, hi = change["ci95"]
+        text += f", 95 % CI [{lo:+.4f}, {hi:+.4f}] over {change['n']} paired seeds: "
+        text += ("**inside the noise** (the interval includes 0: these seeds cannot tell the two apart)"
+                 if vs["inside_noise"] else f"**{'lower' if hi < 0 else 'higher'} F1 beyond the noise** "
+                                            "(the interval excludes 0)")
+    else:
+        text += " on one seed: no interval, so it may be seed noise"
+    if speed["mean"] is not None:
+        text += (f"; {speed['mean']:.2f}× as fast" +
+                 (f" ({speed['min']:.2f}–{speed['max']:.2f}× per seed)" if speed["n"] > 1 else ""))
+    if vs["pairs_with_degenerate"]:
+        text += f"; {vs['pairs_with_degenerate']} of the {change['n']} seed pairs contain a degenerate run"
+    return text + "."
+
+
 def markdown(report: dict) -> str:
-    s = report["settings"]
+    s, baseline, seeds = report["settings"], report["baseline"], report["seeds"]
+    many = len(seeds) > 1
     lines = [f"# Freeze-policy comparison: {report['task']}", "",
              (f"Model `{report['model']}` · hardware: {report['hardware']} · mixed precision {s['mixed_precision']} · "
-              f"{s['train_examples']} train / {s['eval_examples']} eval examples · max length {s['max_length']} · "
-              f"{s['epochs']} epoch(s) · lr {s['lr']} · batch size {s['batch_size']} · seed {s['seed']}"), ""]
-    head = ["policy", "status", "trainable params", "train time", "train samples/s", "eval samples/s", "F1", "accuracy",
-            "eval loss", "speed-up vs none", "F1 change vs none"]
-    seeds = report["seed_reference_label"]
-    head += [seeds] if seeds else []
-    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
-    for r in report["runs"]:
-        status = r["status"] if not r["error"] else f"{r['status']}: {r['error']}".replace("|", "\\|").replace("\n", " ")
-        trainable = "—" if r["trainable_params"] is None else f"{r['trainable_params']:,} ({pct(r['trainable_pct'])})"
-        cells = [f"`{r['policy']}`", status, trainable, _fmt(r["train_runtime_s"], ".1f", " s"),
-                 _fmt(r["train_samples_per_s"], ".1f"), _fmt(r["eval_samples_per_s"], ".1f"), _fmt(r["f1"], ".4f"),
-                 _fmt(r["accuracy"], ".4f"), _fmt(r["eval_loss"], ".4f"), _fmt(r["speedup_vs_none"], ".2f", "×"),
-                 _fmt(r["f1_change_vs_none"], "+.4f")]
-        cells += [_seed_cell(r["seed_reference"])] if seeds else []
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", ("Train time counts training steps only (evaluation and checkpointing excluded). Speed-up = train time "
-                   "of `none` / train time of the policy; F1 change = F1 − F1 of `none`.")]
-    if seeds:
+              f"{s['train_examples']} train / {s['eval_examples']} eval examples (data seed {s['data_seed']}, the same "
+              f"rows for every run) · max length {s['max_length']} · {s['epochs']} epoch(s) · lr {s['lr']} · batch size "
+              f"{s['batch_size']} · training seed{'s' if many else ''} {_seeds(seeds)} (head init, dropout, batch order)"),
+             ""]
+    if not many:
+        lines += ["**One seed only: no standard deviation or confidence interval.** A difference between policies "
+                  "may be seed noise (BERT fine-tuning varies by several F1 points between seeds); pass "
+                  "`--seeds 42,43,44` or `--repeats 3` to measure it.", ""]
+    if report["mixed_world_sizes"]:
+        lines += [f"**The runs used different numbers of processes ({', '.join(map(str, report['world_sizes']))})**: "
+                  "their speeds and batches are not like for like.", ""]
+    vs = f"vs `{baseline}`" if baseline else "vs baseline"
+    head = ["policy", "runs", "F1 mean ± std", "F1 95 % CI", "accuracy mean ± std", "train time (min–max)",
+            "train samples/s", "trainable params", "peak memory", "optimizer state", f"ΔF1 {vs} (paired)",
+            "ΔF1 95 % CI", f"speed-up {vs} (min–max)", "degenerate"]
+    reference = report["seed_reference_label"]
+    head += [reference] if reference else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for p in report["policies"]:
+        runs = f"{p['n']}/{len(p['seeds'])}" + (f" ({len(p['failed'])} failed)" if p["failed"] else "")
+        trainable = "—" if p["trainable_params"] is None else f"{p['trainable_params']:,} ({pct(p['trainable_pct'])})"
+        cmp = p["vs_baseline"] if p["policy"] != baseline else None
+        degenerate = "—" if not p["n"] else f"{p['degenerate']}" + (
+            f" (seed {_seeds(p['degenerate_seeds'])}; F1 without: {_mean_std(p['f1_without_degenerate'], '.4f')})"
+            if p["degenerate"] else "")
+        speed = "—" if cmp is None else _range(cmp["speedup"], ".2f", "×")
+        cells = [f"`{p['policy']}`", runs, _mean_std(p["f1"], ".4f"), _ci(p["f1"], ".4f"),
+                 _mean_std(p["accuracy"], ".4f"), _range(p["train_runtime_s"], ".1f", " s"),
+                 _mean_std(p["train_samples_per_s"], ".1f"), trainable, _bytes(p["peak_memory_bytes"]),
+                 _bytes(p["optimizer_state_bytes"]),
+                 "—" if cmp is None else f"{cmp['f1_change']['mean']:+.4f}", "—" if cmp is None else _ci(cmp["f1_change"], "+.4f"),
+                 speed, degenerate]
+        cells += [_seed_cell(p["seed_reference"])] if reference else []
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    verdicts = [v for p in report["policies"] if baseline and (v := _verdict(p, baseline))]
+    if verdicts:
+        lines += ["", *verdicts]
+    degenerate = [p for p in report["policies"] if p["degenerate"]]
+    for p in degenerate:
+        lines.append(f"- `{p['policy']}`: {p['degenerate']} of {p['n']} runs **degenerate** (one class predicted for "
+                     f"every eval example; seed {_seeds(p['degenerate_seeds'])}): F1 mean {_fmt(p['f1']['mean'], '.4f')} "
+                     f"with them, {_fmt(p['f1_without_degenerate']['mean'], '.4f')} without "
+                     f"({p['f1_without_degenerate']['n']} run{'s' if p['f1_without_degenerate']['n'] != 1 else ''}).")
+    lines += ["", ("Statistics over the training seeds: std is the sample standard deviation (n − 1); the 95 % CI of a "
+                   "mean is mean ± t·std/√n with Student's t at n − 1 degrees of freedom (none for one seed). "
+                   f"ΔF1 is paired: per seed, F1 of the policy − F1 of `{baseline or 'the baseline'}` on that same seed, "
+                   "then the mean and t interval of those differences; speed-up is per seed, train time of the "
+                   "baseline / train time of the policy. Train time counts training steps only (evaluation and "
+                   "checkpointing excluded). A degenerate run predicts one class for every eval example "
+                   "(read from its predictions.csv); it stays in the means, and its count and the F1 without it are "
+                   "given beside them."),
+              ("Peak memory: " + (", ".join(report["memory_kinds"]) or "not recorded") +
+               ", the largest over the run's processes and seeds, counted from the start of each run; optimizer "
+               "state: bytes of the optimizer's state tensors (AdamW moments) on one process.")]
+    if reference:
         lines.append("The last column quotes the figures the seed experiments published (bert-base-cased on one T4 GPU, "
                      "the full preset subset) for reference; they were not measured here.")
+    lines += ["", "## Every run", "",
+              "| policy | seed | status | F1 | accuracy | eval loss | train time | train samples/s | eval samples/s | "
+              "predicted classes | peak memory | processes |", "|---|---:|---|" + "---:|" * 9]
+    for r in report["runs"]:
+        status = r["status"] if not r["error"] else f"{r['status']}: {r['error']}"
+        status += " (degenerate)" if r["degenerate"] else ""
+        classes = "—" if r["predicted_classes"] is None else ", ".join(map(str, r["predicted_classes"]))
+        cells = [f"`{r['policy']}`", str(r["seed"]), status, _fmt(r["f1"], ".4f"), _fmt(r["accuracy"], ".4f"),
+                 _fmt(r["eval_loss"], ".4f"), _fmt(r["train_runtime_s"], ".1f", " s"), _fmt(r["train_samples_per_s"], ".1f"),
+                 _fmt(r["eval_samples_per_s"], ".1f"), classes, _bytes(r["peak_memory_bytes"]), _fmt(r["world_size"], "d")]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, records: list[dict], base: dict, hardware: str) -> dict:
-    report = collect(out, records, base, hardware)
+def write_report(out: Path, report: dict) -> None:
     save_json(out / "report.json", report)
     (out / "report.md").write_text(markdown(report))
-    from .chart import write_chart  # matplotlib loads only when a report is drawn
-
-    write_chart(report, out / "report.png")
-    return report

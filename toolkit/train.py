@@ -29,6 +29,7 @@ from .errors import ToolkitError
 from .freeze import apply_freeze, parse_policy
 from .frozen_cache import FrozenCache
 from .loop import EvalResult, TrainState, fit, validate
+from .memory import reset_peak, run_memory
 from .metrics import f1_average
 from .model import build_optimizer, fsdp_wrap_classes, load_model, load_tokenizer, max_positions
 from .precision import (device_capability, enable_tf32, has_kernels, launcher_command_line, resolve_mixed_precision,
@@ -140,6 +141,7 @@ def main(cfg: TrainConfig) -> int:
     run_log.print(f"[bold]world[/bold] {accelerator.num_processes} process(es) on {accelerator.device}, "
                    f"{accelerator.distributed_type}, mixed precision {accelerator.mixed_precision}; {env.describe()}")
     set_seed(cfg.seed)
+    reset_peak(accelerator.device)  # metrics.json reports this run's peak memory
 
     # ---- inputs: everything that can be wrong is checked here, before any output
     tokenizer = load_tokenizer(cfg.model)
@@ -262,6 +264,7 @@ def main(cfg: TrainConfig) -> int:
     if cache is not None:
         cache.restore()  # the saved model runs its frozen part again
     ckpt.save_model(accelerator, model, tokenizer, out / "model")
+    memory = run_memory(accelerator, optimizer)  # max over ranks; every rank takes part
     if accelerator.is_main_process:
         write_predictions(out / "predictions.csv", result)
         metrics = {
@@ -281,6 +284,7 @@ def main(cfg: TrainConfig) -> int:
             "global_step": state.global_step,
             "trainable_params": summary.trainable,
             "total_params": summary.total,
+            **memory,
             "world_size": accelerator.num_processes,
             "freeze": cfg.freeze,
         }
