@@ -151,8 +151,8 @@ def diverged(problem: str, step: int, lr: float, mixed_precision: str) -> RunFai
     advice = "lower --lr (e.g. by 10x), keep or lower --max-grad-norm (1.0 clips), add --warmup-ratio 0.1"
     if mixed_precision == "fp16":
         advice += ", or use --mixed-precision bf16 (no loss scaling) on GPUs that have it"
-    return RunFailed(f"{problem} at optimizer step {step} (learning rate {lr:.3g}); stopped without saving: "
-                     "the last checkpoint before it is untouched, no metrics.json and no model/ were written",
+    return RunFailed(f"{problem} at optimizer step {step} (learning rate {lr:.3g}). Stopped before saving anything "
+                     "from these weights: earlier checkpoints are untouched; no metrics.json, predictions.csv or model/",
                      f"{advice}; then --resume-from auto continues from that checkpoint",
                      exit_code=NON_FINITE_EXIT_CODE)
 
