@@ -68,15 +68,21 @@ def _all_ok(accelerator: Accelerator, tmp: Path, work: Callable[[], object] | No
     if work is not None:
         try:
             work()
-        except OSError as err:  # ENOSPC, EROFS, EACCES, a file in the way, ...
-            error = f"rank {accelerator.process_index}: {err}"
+        # Not only OSError (ENOSPC, EROFS, EACCES, a file in the way): torch.save reports a full disk as a
+        # RuntimeError from its zip writer ("unexpected pos ..."), so any failure of the write counts.
+        except Exception as err:  # noqa: BLE001
+            error = f"rank {accelerator.process_index}: {type(err).__name__}: {err}"
     errors = [e for e in gather_object([error]) if e]
     if not errors:
         return
     if accelerator.is_main_process and tmp.is_dir():
         shutil.rmtree(tmp, ignore_errors=True)  # never a half-written checkpoint next to the good ones
-    raise RunFailed(f"could not write checkpoint {tmp.parent / tmp.name.removeprefix('.tmp-')}: {'; '.join(errors)}. "
-                    "Stopped; the checkpoints saved before are untouched",
+    try:
+        free = f"{shutil.disk_usage(tmp.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    raise RunFailed(f"could not write checkpoint {tmp.parent / tmp.name.removeprefix('.tmp-')} ({free}): "
+                    f"{'; '.join(errors)}. Stopped; the checkpoints saved before are untouched",
                     "free disk space or make the output folder writable (check quota and permissions, "
                     "and that nothing is in the way of the checkpoint folder), then --resume-from auto",
                     exit_code=SAVE_FAILED_EXIT_CODE)
