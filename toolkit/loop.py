@@ -170,7 +170,8 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
 
     A non-finite loss raises RunFailed (see StepGuard) before anything more is saved. The
     host reads device values once per optimizer step (the reduction in `_step_totals`), plus
-    the loss at log steps: no `.item()` per micro-batch, so a GPU never waits for the host.
+    the loss at log steps: no `.item()` per micro-batch, so the host does not stall on the GPU
+    mid-step. (transformers' SDPA mask helper still reads `padding_mask.all()` once per forward.)
     """
     accum = accelerator.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_loader) / accum)
