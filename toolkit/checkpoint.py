@@ -4,17 +4,30 @@ A checkpoint is written by `accelerator.save_state` into a temporary folder; onl
 when every rank has finished does the main process add `progress.json` and rename
 the folder into place. A kill during a save leaves a `.tmp-*` folder that is never
 picked up as "latest". The final model goes to `model/` the same way.
+
+`progress.json` also records the size and sha256 of every file in the checkpoint, and a
+resume checks them: `--resume-from auto` passes over a checkpoint that fails (bit rot, a
+truncated copy, a disk that filled up under another writer) to the newest one that checks
+out; a checkpoint named explicitly must check out. A save that fails on any rank (disk full,
+read-only, something in the way) fails on every rank together, leaves the previous
+checkpoints as they were and stops the run with a message.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from .errors import RunFailed, ToolkitError
 
 PROGRESS = "progress.json"
+SAVE_FAILED_EXIT_CODE = 4
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -26,20 +39,85 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: dict, 
     root = checkpoint_root(output_dir)
     step = progress["state"]["global_step"]
     final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def make_tmp() -> None:
+        if tmp.is_dir():
+            shutil.rmtree(tmp)  # left by a save that was killed
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / PROGRESS).write_text(json.dumps(progress, indent=2) + "\n")
+
+    def publish() -> None:
+        files = file_digests(tmp)  # before progress.json, which cannot hold its own digest
+        (tmp / PROGRESS).write_text(json.dumps({**progress, "files": files}, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+
+    # Each phase ends with the ranks agreeing whether it worked (a collective per phase: checkpoints
+    # are rare), so a rank whose write fails never leaves the others waiting at the next barrier.
+    _all_ok(accelerator, tmp, make_tmp if accelerator.is_main_process else None)
+    _all_ok(accelerator, tmp, lambda: accelerator.save_state(str(tmp)))
+    _all_ok(accelerator, tmp, publish if accelerator.is_main_process else None)
+    if accelerator.is_main_process:
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _all_ok(accelerator: Accelerator, tmp: Path, work: Callable[[], object] | None) -> None:
+    error = None
+    if work is not None:
+        try:
+            work()
+        # Not only OSError (ENOSPC, EROFS, EACCES, a file in the way): torch.save reports a full disk as a
+        # RuntimeError from its zip writer ("unexpected pos ..."), so any failure of the write counts.
+        except Exception as err:  # noqa: BLE001
+            error = f"rank {accelerator.process_index}: {type(err).__name__}: {err}"
+    errors = [e for e in gather_object([error]) if e]
+    if not errors:
+        return
+    if accelerator.is_main_process and tmp.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)  # never a half-written checkpoint next to the good ones
+    try:
+        free = f"{shutil.disk_usage(tmp.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    raise RunFailed(f"could not write checkpoint {tmp.parent / tmp.name.removeprefix('.tmp-')} ({free}): "
+                    f"{'; '.join(errors)}. Stopped; the checkpoints saved before are untouched",
+                    "free disk space or make the output folder writable (check quota and permissions, "
+                    "and that nothing is in the way of the checkpoint folder), then --resume-from auto",
+                    exit_code=SAVE_FAILED_EXIT_CODE)
+
+
+def file_digests(folder: Path) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of every file under `folder` except progress.json."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel != PROGRESS:
+            with path.open("rb") as fh:
+                out[rel] = {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(fh, "sha256").hexdigest()}
+    return out
+
+
+def verify_checkpoint(checkpoint: Path) -> str | None:
+    """None when every file recorded in progress.json is there with its size and sha256, else what is wrong."""
+    try:
+        progress = read_progress(checkpoint)
+    except (OSError, ValueError) as err:
+        return f"{PROGRESS} is unreadable ({err})"
+    files = progress.get("files")
+    if files is None:
+        return None  # written before checkpoints recorded digests: nothing to check against
+    for rel, want in files.items():
+        path = checkpoint / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{rel} has {path.stat().st_size} bytes, {want['bytes']} were written"
+        with path.open("rb") as fh:
+            if hashlib.file_digest(fh, "sha256").hexdigest() != want["sha256"]:
+                return f"{rel} does not match its sha256 (the file changed after it was written)"
+    return None
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -50,21 +128,30 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / PROGRESS).is_file())
 
 
-def resolve_resume(resume_from: str | None, output_dir: Path) -> Path | None:
-    """'auto' -> newest complete checkpoint in output_dir (or None); a path -> that checkpoint."""
-    from .errors import ToolkitError
+def resolve_resume(resume_from: str | None, output_dir: Path, log: Callable[[str], None] = print) -> Path | None:
+    """'auto' -> newest checkpoint in output_dir that verifies (or None); a path -> that checkpoint, verified.
 
+    Reads every file of the checkpoints it checks: call it on one rank and share the answer.
+    """
     if resume_from is None:
         return None
     if resume_from == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        for candidate in reversed(list_checkpoints(output_dir)):
+            problem = verify_checkpoint(candidate)
+            if problem is None:
+                return candidate
+            log(f"[yellow]skipping checkpoint {candidate}: {problem}[/yellow]")
+        return None
     path = Path(resume_from)
     if not (path / PROGRESS).is_file():
         found = list_checkpoints(path)  # a run folder: take its newest checkpoint
         if not found:
             raise ToolkitError(f"no complete checkpoint at {path}", "pass a checkpoints/step-* folder, a run folder, or 'auto'")
         path = found[-1]
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise ToolkitError(f"checkpoint {path} failed verification: {problem}",
+                           "resume from another checkpoint (--resume-from auto takes the newest one that verifies)")
     return path
 
 

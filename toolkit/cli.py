@@ -8,23 +8,25 @@ from typing import Callable
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from .config import parse_args
-from .errors import ToolkitError
+from .errors import RunFailed, ToolkitError
 
 
 def run(main: Callable[[object], int], config_cls: type, description: str, argv: list[str] | None = None) -> int:
     cfg = parse_args(config_cls, argv, description)
     try:
         return main(cfg)
-    except ToolkitError as err:
-        # Input errors are deterministic, so every rank hits the same one: print it once.
+    except (ToolkitError, RunFailed) as err:
+        # Input errors are deterministic, and a RunFailed is agreed by all ranks first: print it once.
         if os.environ.get("RANK", "0") == "0":
             console = Console(stderr=True, highlight=False)
-            console.print(f"[bold red]error:[/bold red] {err.problem}", markup=True)
+            # escape: OS and library messages carry brackets ("[Errno 28]", "[enforce fail ...]") that rich would eat
+            console.print(f"[bold red]error:[/bold red] {escape(err.problem)}", markup=True)
             if err.fix:
-                console.print(f"[bold]fix:[/bold] {err.fix}")
-        return 2
+                console.print(f"[bold]fix:[/bold] {escape(err.fix)}")
+        return err.exit_code if isinstance(err, RunFailed) else 2
 
 
 def launch(main: Callable[[object], int], config_cls: type, description: str) -> None:

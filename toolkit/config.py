@@ -72,8 +72,10 @@ class TrainConfig:
     checkpoint_every: int = _opt(0, "also checkpoint every N optimizer steps (0: only at the end of each epoch)")
     keep_checkpoints: int = _opt(2, "how many step checkpoints to keep")
     log_every: int = _opt(10, "log training metrics every N optimizer steps")
+    max_skipped_steps: int = _opt(100, "fp16: stop (exit 3) after more than this many optimizer steps in a row skipped "
+                                       "by the loss scaler (a few are normal; a long run means inf/NaN gradients)")
     stop_file: Optional[str] = _opt(None, "if this file appears, checkpoint at the next step and exit 75 (for requeue)")
-    num_workers: int = _opt(0, "DataLoader worker processes")
+    num_workers: Optional[int] = _opt(None, "DataLoader worker processes (default: 0 on CPU; on a GPU up to 4 per process)")
     group_by_length: bool = _opt(True, "train on shuffled groups of similar-length rows (less padding, order still random); "
                                        "--no-group-by-length: plain random batches")
     frozen_dropout: bool = _opt(False, "--frozen-dropout: dropout in the frozen layers too, as the seeds' Trainer did; "

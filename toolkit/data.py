@@ -554,5 +554,6 @@ def make_loader(ds: Dataset, collator: Collator, batch_size: int, seed: int, tra
                 group_by_length: bool = False) -> DataLoader:
     sampler = EpochBatchSampler(numpy_column(ds, "length"), batch_size, seed, shuffle=train, sort_by_length=not train,
                                 group_by_length=group_by_length)
+    # persistent: workers are not restarted for every epoch and every evaluation
     return DataLoader(ds, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)

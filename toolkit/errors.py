@@ -13,3 +13,18 @@ class ToolkitError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem}\n  fix: {fix}" if fix else problem)
+
+
+class RunFailed(Exception):
+    """A run that started but cannot give a valid result (diverged, checkpoint not writable).
+
+    Raised on every rank at once (the ranks agree first), so no rank is left waiting in a
+    collective. The launch scripts print `problem` and `fix` and exit with `exit_code`:
+    never 0 (nothing valid was produced) and never 75 (a requeue would fail the same way).
+    """
+
+    def __init__(self, problem: str, fix: str | None = None, exit_code: int = 3):
+        self.problem = problem
+        self.fix = fix
+        self.exit_code = exit_code
+        super().__init__(f"{problem}\n  fix: {fix}" if fix else problem)

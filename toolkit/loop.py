@@ -12,10 +12,13 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from .errors import RunFailed
 from .metrics import classification_metrics
 from .preemption import StopRequest
 from .run_log import RunLog
 from .throughput import FlopModel, batch_stats
+
+NON_FINITE_EXIT_CODE = 3  # training diverged: not 0 (no result) and not 75 (a requeue would diverge again)
 
 
 @dataclass
@@ -58,24 +61,34 @@ def validate(accelerator: Accelerator, model, loader, num_labels: int, num_examp
     start = time.perf_counter()
     rows, losses = [], []
     stats = torch.zeros(4, dtype=torch.long, device=accelerator.device)  # tokens, padded tokens, sum len^2, rows
+    bad_rows = torch.zeros(1, dtype=torch.long, device=accelerator.device)  # rows with a non-finite logit
     for batch in loader:
         if "attention_mask" in batch:
             stats += batch_stats(batch["attention_mask"])
         idx = batch.pop("idx")
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
+        bad_rows += (~torch.isfinite(logits)).any(dim=-1).sum()
         losses.append(F.cross_entropy(logits, labels, reduction="none"))
         rows.append(torch.stack([idx, labels, logits.argmax(dim=-1)], dim=1))
     local_rows = torch.cat(rows) if rows else torch.empty(0, 3, dtype=torch.long, device=accelerator.device)
     local_loss = torch.cat(losses) if losses else torch.empty(0, device=accelerator.device)
     all_rows = accelerator.gather(accelerator.pad_across_processes(local_rows, dim=0, pad_index=-1)).cpu().numpy()
     all_loss = accelerator.gather(accelerator.pad_across_processes(local_loss, dim=0, pad_index=-1)).cpu().numpy()
-    tokens, padded = accelerator.reduce(stats, reduction="sum").tolist()[:2]
+    tokens, padded, _, _, non_finite = accelerator.reduce(torch.cat([stats, bad_rows]), reduction="sum").tolist()
     keep = all_rows[:, 0] >= 0
     all_rows, all_loss = all_rows[keep], all_loss[keep]
     index, first = np.unique(all_rows[:, 0], return_index=True)
     if len(index) != num_examples:
         raise RuntimeError(f"evaluation gathered {len(index)} distinct rows, expected {num_examples}")
+    if non_finite or not np.isfinite(all_loss[first]).all():
+        # Every rank holds the same reduced count and gathered losses, so all raise together,
+        # before the caller saves a checkpoint, predictions or metrics from these weights.
+        raise RunFailed(f"evaluation gave non-finite logits or loss ({non_finite} of {num_examples} rows have "
+                        "NaN/inf logits): the weights have diverged; nothing was saved from them",
+                        "lower --lr or keep --max-grad-norm; use bf16 rather than fp16; "
+                        "--resume-from auto restarts from the last good checkpoint",
+                        exit_code=NON_FINITE_EXIT_CODE)
     runtime = time.perf_counter() - start
     labels, preds = all_rows[first, 1], all_rows[first, 2]
     metrics = classification_metrics(labels, preds, num_labels, label_names)
@@ -92,11 +105,58 @@ def _seed_for_step(seed: int, step: int, rank: int) -> None:
     torch.manual_seed((seed * 1_000_003 + step * 7919 + rank) % (2**63))
 
 
-def _step_totals(accelerator: Accelerator, stop_flag: bool, pending: torch.Tensor) -> tuple[bool, list[int]]:
-    """One all-reduce per optimizer step: does any rank want to stop, and the throughput counters of all ranks."""
-    flag = torch.tensor([1 if stop_flag else 0], dtype=torch.long, device=pending.device)
-    totals = accelerator.reduce(torch.cat([flag, pending]), reduction="sum").tolist()
-    return totals[0] > 0, totals[1:]
+def _step_totals(accelerator: Accelerator, stop_flag: bool, skipped: bool, step_loss: torch.Tensor,
+                 pending: torch.Tensor) -> tuple[bool, bool, bool, list[int]]:
+    """The one all-reduce (and the one host sync) per optimizer step.
+
+    Summed over ranks: does any rank want to stop, did any rank see a non-finite loss, was the
+    optimizer step skipped (fp16 loss scaler), and the throughput counters. Every rank gets the
+    same answers, so every rank stops (or not) at the same step without a second collective.
+    The flags are built on the device (`full`, not `torch.tensor(...)`, which would copy from
+    pageable host memory and block on CUDA); `.tolist()` is the single read of the step.
+    """
+    flags = torch.stack([torch.full((), int(stop_flag), dtype=torch.long, device=pending.device),
+                         (~torch.isfinite(step_loss)).long(),
+                         torch.full((), int(skipped), dtype=torch.long, device=pending.device)])
+    totals = accelerator.reduce(torch.cat([flags, pending]), reduction="sum").tolist()
+    return totals[0] > 0, totals[1] > 0, totals[2] > 0, totals[3:]
+
+
+@dataclass
+class StepGuard:
+    """Decides, once per optimizer step, whether training has diverged.
+
+    A non-finite loss stops the run unless the fp16 loss scaler skipped that step: skipped
+    steps are how the scaler finds its scale, and an inf/NaN gradient is exactly what makes
+    it skip. But a scaler that keeps skipping is a run whose loss no longer trains: more
+    than `max_skipped` consecutive skipped steps stop it too.
+    """
+
+    max_skipped: int
+    skipped_in_a_row: int = 0
+
+    def check(self, non_finite: bool, skipped: bool) -> str | None:
+        """None while training is healthy, else what went wrong."""
+        if skipped:
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row > self.max_skipped:
+                return (f"the fp16 loss scaler skipped {self.skipped_in_a_row} optimizer steps in a row "
+                        f"(limit --max-skipped-steps {self.max_skipped}): the gradients stay inf/NaN")
+            return None
+        self.skipped_in_a_row = 0
+        if non_finite:
+            return "the training loss is not finite (NaN or inf)"
+        return None
+
+
+def diverged(problem: str, step: int, lr: float, mixed_precision: str) -> RunFailed:
+    advice = "lower --lr (e.g. by 10x), keep or lower --max-grad-norm (1.0 clips), add --warmup-ratio 0.1"
+    if mixed_precision == "fp16":
+        advice += ", or use --mixed-precision bf16 (no loss scaling) on GPUs that have it"
+    return RunFailed(f"{problem} at optimizer step {step} (learning rate {lr:.3g}). Stopped before saving anything "
+                     "from these weights: earlier checkpoints are untouched; no metrics.json, predictions.csv or model/",
+                     f"{advice}; then --resume-from auto continues from that checkpoint",
+                     exit_code=NON_FINITE_EXIT_CODE)
 
 
 def clip_parameters(accelerator: Accelerator, model) -> list:
@@ -114,22 +174,31 @@ def clip_parameters(accelerator: Accelerator, model) -> list:
 def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sampler, *, state: TrainState,
         epochs: int, max_steps: int | None, max_grad_norm: float, seed: int, log_every: int,
         checkpoint_every: int, run_log: RunLog, stop: StopRequest, evaluate, checkpoint,
-        flop_model: FlopModel | None = None, peak_flops: float | None = None) -> str:
+        flop_model: FlopModel | None = None, peak_flops: float | None = None, max_skipped_steps: int = 100) -> str:
     """Train until the epochs or max_steps are done ("done") or a stop is requested ("preempted").
 
     `evaluate(epoch)` runs after every epoch; `checkpoint(state)` saves a resumable
     checkpoint. `sampler` is the EpochBatchSampler behind `train_loader`. Throughput
     (samples/s, non-padding tokens/s, padding fraction, and MFU when `peak_flops` of one
     device is known) goes to the progress bar and metrics.jsonl at every log step.
+
+    A non-finite loss raises RunFailed (see StepGuard) before anything more is saved. The
+    host reads device values once per optimizer step (the reduction in `_step_totals`), plus
+    the loss at log steps: no `.item()` per micro-batch, so the host does not stall on the GPU
+    mid-step. (transformers' SDPA mask helper still reads `padding_mask.all()` once per forward.)
     """
     accum = accelerator.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_loader) / accum)
     total_steps = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     trainable = clip_parameters(accelerator, model)
     model.train()
-    window_loss, window_n, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+    device = accelerator.device
+    window_loss = torch.zeros((), device=device)  # summed on the device, read at log steps
+    step_loss = torch.zeros((), device=device)  # this optimizer step's micro-batch losses, checked by the guard
+    window_n, window_samples, window_start = 0, 0, time.perf_counter()
     window_tokens, window_padded, window_flops = 0, 0, 0.0
-    pending = torch.zeros(4, dtype=torch.long, device=accelerator.device)  # this rank's batch_stats since the last step
+    pending = torch.zeros(4, dtype=torch.long, device=device)  # this rank's batch_stats since the last step
+    guard = StepGuard(max_skipped_steps)
 
     clock = time.perf_counter()
 
@@ -155,14 +224,23 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
                 state.batches_done += 1
                 samples = batch["labels"].shape[0] * accelerator.num_processes
                 state.samples_seen += samples
-                window_loss += loss.detach().float().item()
+                step_loss += loss.detach().float()
                 window_n += 1
                 window_samples += samples
                 if not accelerator.sync_gradients:
                     continue
-                scheduler.step()
+                lr = scheduler.get_last_lr()[0]  # the rate this step used
+                skipped = accelerator.optimizer_step_was_skipped  # fp16 overflow: the weights did not change
+                if not skipped:  # a skipped step must not advance the schedule (PyTorch's GradScaler recipe)
+                    scheduler.step()
                 state.global_step += 1
-                stop_now, (tokens, padded, len_sq, seqs) = _step_totals(accelerator, stop.requested(), pending)
+                stop_now, non_finite, skipped, (tokens, padded, len_sq, seqs) = _step_totals(
+                    accelerator, stop.requested(), skipped, step_loss, pending)
+                if (problem := guard.check(non_finite, skipped)) is not None:
+                    run_log.record({"step": state.global_step, "error": problem, "lr": lr})
+                    raise diverged(problem, state.global_step, lr, str(accelerator.mixed_precision))
+                window_loss += step_loss
+                step_loss.zero_()
                 pending.zero_()
                 flops = flop_model.flops(tokens, len_sq, seqs) if flop_model else 0.0
                 state.tokens_seen += tokens
@@ -172,8 +250,7 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
                 bar.update(1)
                 if state.global_step % log_every == 0 or state.global_step == total_steps:
                     elapsed = time.perf_counter() - window_start
-                    mean_loss = accelerator.reduce(torch.tensor([window_loss / window_n], device=accelerator.device),
-                                                   reduction="mean").item()
+                    mean_loss = accelerator.reduce(window_loss / window_n, reduction="mean").item()
                     entry = {"step": state.global_step, "epoch": round(state.epoch + state.batches_done / len(train_loader), 4),
                              "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                              "samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed,
@@ -185,7 +262,8 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
                         shown["mfu"] = f"{entry['mfu']:.1%}"
                     run_log.record(entry)
                     bar.update(0, loss=mean_loss, lr=entry["lr"], **shown)
-                    window_loss, window_n, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+                    window_loss.zero_()
+                    window_n, window_samples, window_start = 0, 0, time.perf_counter()
                     window_tokens, window_padded, window_flops = 0, 0, 0.0
                 if stop_now:
                     bank_time()

@@ -136,8 +136,10 @@ class FlopModel:
 def batch_stats(attention_mask: torch.Tensor) -> torch.Tensor:
     """[real tokens, padded tokens, sum of squared lengths, sequences] of one batch, as int64 on its device."""
     lengths = attention_mask.sum(dim=1, dtype=torch.int64)
-    return torch.stack([lengths.sum(), torch.tensor(attention_mask.numel(), device=lengths.device),
-                        (lengths * lengths).sum(), torch.tensor(lengths.numel(), device=lengths.device)])
+    total = lengths.sum()
+    # full_like fills on the device; torch.tensor(n, device=cuda) would be a blocking host-to-device copy per batch
+    return torch.stack([total, torch.full_like(total, attention_mask.numel()),
+                        (lengths * lengths).sum(), torch.full_like(total, lengths.numel())])
 
 
 # ---------------------------------------------------------------- the frozen part

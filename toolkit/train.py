@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.commands.config.config_args import default_config_file as accelerate_default_config_file
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, broadcast_object_list,
+                               set_seed)
 from transformers import get_linear_schedule_with_warmup
 
 from . import checkpoint as ckpt
@@ -68,6 +69,9 @@ def setup(cpu: bool, mixed_precision: str | None, grad_accum: int = 1, dist_time
         # The loop steps the scheduler once per optimizer step, so its length is simply the
         # number of optimizer steps (Accelerate's default would step it once per process).
         step_scheduler_with_optimizer=False,
+        # Host-to-device copies of batches from pinned memory without blocking the host (Accelerate's
+        # default is a blocking copy, which makes the loaders' pin_memory buy nothing). No-op on CPU.
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
         kwargs_handlers=process_group_kwargs(cpu, launched, dist_timeout_s),
     )
     if launched != accelerator.num_processes:
@@ -119,6 +123,37 @@ def prepare_data(accelerator, cfg_data, tokenizer, model_max_positions, run_log,
     return train_tok, eval_tok, max_length
 
 
+def default_num_workers(device_type: str, local_processes: int, cpus: int | None = None) -> int:
+    """DataLoader workers when --num-workers is not given: 0 on CPU, where the cores train; on a GPU,
+    up to 4 per process from this node's cores, so collation overlaps the device's work."""
+    if device_type != "cuda":
+        return 0
+    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    return max(0, min(4, cpus // max(1, local_processes) - 1))
+
+
+def open_output_dir(accelerator: Accelerator, out: Path, resume_from: str | None, log) -> Path | None:
+    """Rank 0 makes sure the run folder can be written and picks (and verifies) the checkpoint to resume
+    from; every rank gets its answer, so a problem stops all of them before training, with exit 2."""
+    answer: list = [None, None]  # checkpoint to resume from, (problem, fix)
+    if accelerator.is_main_process:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+            answer[0] = ckpt.resolve_resume(resume_from, out, log)
+        except OSError as err:
+            answer[1] = (f"cannot write to the output folder {out}: {err}",
+                         "pass an --output-dir that can be created and written (check the path, permissions and free space)")
+        except ToolkitError as err:
+            answer[1] = (err.problem, err.fix)
+    broadcast_object_list(answer, from_process=0)
+    if answer[1] is not None:
+        raise ToolkitError(*answer[1])
+    return answer[0]
+
+
 def write_predictions(path: Path, result: EvalResult) -> None:
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
@@ -160,7 +195,7 @@ def main(cfg: TrainConfig) -> int:
         run_log.detail(f"frozen part without dropout ({changed} dropout modules; --frozen-dropout keeps it)")
 
     out = shared_output_dir(accelerator, cfg)
-    resume = ckpt.resolve_resume(cfg.resume_from, out)
+    resume = open_output_dir(accelerator, out, cfg.resume_from, run_log.print)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").unlink(missing_ok=True)  # only a finished run has one
@@ -176,15 +211,17 @@ def main(cfg: TrainConfig) -> int:
     pad_to = 8 if accelerator.device.type == "cuda" else None  # tensor cores like multiples of 8
     collator = Collator(tokenizer, pad_to)
     eval_batch_size = cfg.eval_batch_size or 2 * cfg.batch_size
+    workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(
+        accelerator.device.type, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     cache = None
     if cfg.cache_frozen:  # the frozen part runs once here; the loaders then carry its outputs
         cache = FrozenCache.build(accelerator, model, cfg.freeze, train_ds, eval_ds, collator, eval_batch_size, run_log.print)
-        train_loader = cache.loader("train", cfg.batch_size, cfg.seed, cfg.group_by_length, cfg.num_workers)
-        eval_loader = cache.loader("eval", eval_batch_size, cfg.seed, num_workers=cfg.num_workers)
+        train_loader = cache.loader("train", cfg.batch_size, cfg.seed, cfg.group_by_length, workers)
+        eval_loader = cache.loader("eval", eval_batch_size, cfg.seed, num_workers=workers)
     else:
-        train_loader = make_loader(train_ds, collator, cfg.batch_size, cfg.seed, train=True, num_workers=cfg.num_workers,
+        train_loader = make_loader(train_ds, collator, cfg.batch_size, cfg.seed, train=True, num_workers=workers,
                                    group_by_length=cfg.group_by_length)
-        eval_loader = make_loader(eval_ds, collator, eval_batch_size, cfg.seed, train=False, num_workers=cfg.num_workers)
+        eval_loader = make_loader(eval_ds, collator, eval_batch_size, cfg.seed, train=False, num_workers=workers)
     flop_model = FlopModel.from_model(model, cfg.freeze, cached_prefix=cache is not None)
     peak_flops = device_peak_flops(accelerator.device, accelerator.mixed_precision)
     sampler = train_loader.batch_sampler
@@ -253,7 +290,7 @@ def main(cfg: TrainConfig) -> int:
                  checkpoint_every=cfg.checkpoint_every, run_log=run_log, stop=stop, evaluate=evaluate,
                  checkpoint=lambda s: ckpt.save_checkpoint(
                      accelerator, out, {"state": s.to_dict(), "config": cfg.to_dict()}, cfg.keep_checkpoints),
-                 flop_model=flop_model, peak_flops=peak_flops)
+                 flop_model=flop_model, peak_flops=peak_flops, max_skipped_steps=cfg.max_skipped_steps)
     if status == "preempted":
         tracking.finish(accelerator, run_log)
         run_log.print(f"[yellow]checkpoint saved; exiting with {PREEMPTED_EXIT_CODE} so the job can be requeued[/yellow]")
