@@ -226,7 +226,9 @@ def test_gradual_unfreezing_two_process_ddp(tiny_model_dir, data_dir, tmp_path):
     stop = tmp_path / "STOP"
     stop.touch()
     first = accelerate_launch(*args, "--output-dir", str(tmp_path / "stopped"), "--stop-file", str(stop), check=False)
-    assert first.returncode == 75, first.stderr[-3000:]
+    # every rank exits 75 after the stop checkpoint; the launcher (torchrun) reports that as a failure
+    assert first.returncode != 0 and "exitcode  : 75" in first.stderr, first.stderr[-3000:]
+    assert not (tmp_path / "stopped" / "metrics.json").exists()
     stop.unlink()
     second = accelerate_launch(*args, "--output-dir", str(tmp_path / "stopped"), "--resume-from", "auto")
     assert "resumed from" in second.stdout
