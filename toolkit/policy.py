@@ -34,8 +34,9 @@ from torch import nn
 from .errors import ToolkitError
 from .freeze import POST_BLOCK_MODULES, find_blocks, head_modules
 
-STATIC_KINDS = ("none", "last", "head")
-# LoRA plugs in as kind "lora" (toolkit/lora.py): parse it in _parse_static, then fill the branches marked LORA.
+# LoRA plugs in as kind "lora" (toolkit/lora.py): parse it in _parse_static, carry its settings (r, alpha,
+# dropout, targets) as one more field, and fill the branches marked LORA here, in throughput.FlopModel.from_model
+# and in frozen_cache.FrozenCache.check. param_groups already works for it (it groups what requires grad).
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,7 @@ class Policy:
         the final policy's (what thaws later is not part of it).
         """
         final = self.final
-        if final.kind == "none":
+        if final.kind == "none":  # LORA: the adapted blocks run dropout (and a backward): at most the embeddings
             return []
         base = model.base_model
         if final.kind == "head":
