@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import gc
 import json
-import re
 import time
 import traceback
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from rich.markup import escape
 from . import report, summary
 from .config import TrainConfig, _opt, save_json
 from .errors import ToolkitError
-from .freeze import parse_policy
+from .policy import Policy
 from .preemption import PREEMPTED_EXIT_CODE
 from .train import shared_output_dir, setup
 from .train import main as train_main
@@ -45,13 +44,18 @@ NOT_COMPARED = {"output_dir", "resume_from", "stop_file", "log_every", "checkpoi
 
 @dataclass
 class CompareConfig(TrainConfig):
-    policies: str = _opt("none,last2,head", "comma-separated freeze policies to train one after another "
-                                            "(any --freeze policy of train.py); 'none' (else the first one listed) is "
-                                            "the baseline for the paired F1 change and speed-up")
+    policies: str = _opt("none,last2,head", "comma-separated policies to train one after another: none, head, lastN, "
+                                            "lora, +llrdF for layer-wise lr decay (last2+llrd0.9), START>TARGET@N for "
+                                            "gradual unfreezing every N steps (head>none@50); 'none' (else the first one "
+                                            "listed) is the baseline for the paired F1 change and speed-up")
     seeds: Optional[str] = _opt(None, "comma-separated training seeds, every policy trained once per seed "
                                       "(e.g. 42,43,44; default: --seed alone); the data rows stay those of --data-seed")
     repeats: Optional[int] = _opt(None, "train every policy with K seeds: --seed, --seed+1, ..., --seed+K-1")
-    freeze: Optional[str] = _opt(None, argparse.SUPPRESS)  # replaced by --policies; given anyway -> a clear error
+    # replaced by --policies; given anyway -> a clear error
+    freeze: Optional[str] = _opt(None, argparse.SUPPRESS)
+    layer_lr_decay: Optional[float] = _opt(None, argparse.SUPPRESS)
+    unfreeze_every: Optional[int] = _opt(None, argparse.SUPPRESS)
+    unfreeze_to: Optional[str] = _opt(None, argparse.SUPPRESS)
 
     def resolve_output_dir(self) -> Path:
         if self.output_dir is None:
@@ -59,28 +63,22 @@ class CompareConfig(TrainConfig):
         return Path(self.output_dir)
 
 
-def parse_policies(text: str) -> list[str]:
-    policies = [p.strip() for p in text.split(",") if p.strip()]
+def parse_policies(text: str) -> list[Policy]:
+    """The list's policies, parsed with the spelling of toolkit/policy.py."""
+    policies = [Policy.parse(p) for p in text.split(",") if p.strip()]
     if not policies:
         raise ToolkitError("--policies is empty", "pass e.g. --policies none,last2,head")
-    repeated = sorted({p for p in policies if policies.count(p) > 1})
+    specs = [p.spec for p in policies]
+    repeated = sorted({p for p in specs if specs.count(p) > 1})
     if repeated:
         raise ToolkitError(f"--policies names {', '.join(repeated)} more than once", "list each policy once")
-    for policy in policies:
-        parse_policy(policy)  # the one place compare validates a policy's spelling
     folders: dict[str, str] = {}
     for policy in policies:
-        other = folders.setdefault(policy_folder(policy), policy)
-        if other != policy:
-            raise ToolkitError(f"--policies {other} and {policy} would share the run folder {policy_folder(policy)}",
+        other = folders.setdefault(policy.slug, policy.spec)
+        if other != policy.spec:
+            raise ToolkitError(f"--policies {other} and {policy.spec} would share the run folder {policy.slug}",
                                "compare them in two --output-dir folders")
     return policies
-
-
-def policy_folder(policy: str) -> str:
-    """A folder name for any policy spelling: 'head>none@50' -> 'head-to-none-at-50' (the report keeps the spelling)."""
-    name = re.sub(r"[^A-Za-z0-9._+-]", "_", policy.replace(">", "-to-").replace("@", "-at-"))
-    return name.lstrip(".") or "_"
 
 
 def parse_seeds(cfg: "CompareConfig") -> list[int]:
@@ -104,13 +102,14 @@ def parse_seeds(cfg: "CompareConfig") -> list[int]:
     return seeds
 
 
-def run_dir(policy: str, seed: int) -> str:
-    return f"{policy_folder(policy)}/seed-{seed}"
+def run_dir(policy: Policy, seed: int) -> str:
+    return f"{policy.slug}/seed-{seed}"
 
 
-def run_config(base: TrainConfig, policy: str, seed: int, out: Path) -> TrainConfig:
+def run_config(base: TrainConfig, policy: Policy, seed: int, out: Path) -> TrainConfig:
     # deep copy: train.main may fill in fields, and no run may see another's changes
-    return dataclasses.replace(copy.deepcopy(base), freeze=policy, seed=seed, output_dir=str(out / run_dir(policy, seed)))
+    return dataclasses.replace(copy.deepcopy(base), **policy.config_fields(), seed=seed,
+                               output_dir=str(out / run_dir(policy, seed)))
 
 
 def _mismatch(saved: dict, wanted: dict, defaults: dict, prefix: str = "") -> list[str]:
@@ -130,8 +129,9 @@ def plan(out: Path, runs: dict[tuple[str, int], TrainConfig], world_size: int) -
     """(policy, seed) -> 'reuse' | 'train'; refuses finished runs whose settings differ from this invocation's."""
     decisions = {}
     for (policy, seed), cfg in runs.items():
-        if (out / policy_folder(policy) / "metrics.json").is_file():
-            raise ToolkitError(f"{out / policy_folder(policy)} holds a single run from an older compare "
+        folder = Path(cfg.output_dir).parent
+        if (folder / "metrics.json").is_file():
+            raise ToolkitError(f"{folder} holds a single run from an older compare "
                                "(no seed-<s>/ folders)", "move it to a seed-<its seed>/ folder inside, or use a new --output-dir")
         run_dir = Path(cfg.output_dir)
         if not (run_dir / "metrics.json").is_file():
@@ -168,6 +168,11 @@ def main(cfg: CompareConfig) -> int:
     if cfg.freeze is not None:
         raise ToolkitError("compare trains every policy in --policies; it does not take --freeze",
                            f"pass --policies {cfg.freeze} (or a list such as none,last2,head)")
+    for flag, value in (("--layer-lr-decay", cfg.layer_lr_decay), ("--unfreeze-every", cfg.unfreeze_every),
+                        ("--unfreeze-to", cfg.unfreeze_to)):
+        if value is not None:
+            raise ToolkitError(f"compare takes {flag} per policy, inside --policies",
+                               "spell it in the list: last2+llrd0.9 (layer-wise lr decay), head>none@50 (gradual)")
     policies = parse_policies(cfg.policies)
     seeds = parse_seeds(cfg)
     if cfg.resume_from not in (None, "auto"):
@@ -177,7 +182,7 @@ def main(cfg: CompareConfig) -> int:
     accelerator = setup(cfg.cpu, cfg.mixed_precision, cfg.grad_accum, cfg.dist_timeout, cfg.tf32)
     out = shared_output_dir(accelerator, cfg)
     # seed by seed: after the first seed the table already compares every policy, should the rest be cut short
-    runs = {(policy, seed): run_config(base, policy, seed, out) for seed in seeds for policy in policies}
+    runs = {(policy.spec, seed): run_config(base, policy, seed, out) for seed in seeds for policy in policies}
     decisions = [_plan_or_error(out, runs, accelerator.num_processes) if accelerator.is_main_process else None]
     broadcast_object_list(decisions, from_process=0)  # every rank must train the same runs in the same order
     if isinstance(decisions[0], ToolkitError):
@@ -185,8 +190,8 @@ def main(cfg: CompareConfig) -> int:
     console = Console(stderr=True, highlight=False) if accelerator.is_main_process else None
     hardware = summary.describe_hardware(accelerator.device.type, accelerator.num_processes)
 
-    records = {key: {"policy": key[0], "seed": key[1], "run_dir": run_dir(*key), "status": "not run", "error": None}
-               for key in runs}
+    records = {key: {"policy": key[0], "seed": key[1], "run_dir": str(Path(cfg.output_dir).relative_to(out)),
+                     "status": "not run", "error": None} for key, cfg in runs.items()}
     code = 0
     for key, run_cfg in runs.items():
         record, name = records[key], f"{key[0]} (seed {key[1]})"
@@ -218,7 +223,7 @@ def main(cfg: CompareConfig) -> int:
 
     if accelerator.is_main_process:
         # in --policies order, each policy's seeds in --seeds order
-        ordered = [records[p, s] for p in policies for s in seeds]
+        ordered = [records[p.spec, s] for p in policies for s in seeds]
         baseline = BASELINE if BASELINE in policies else policies[0]
         data = summary.collect(out, ordered, base.to_dict(), hardware, baseline, seeds)
         report.write_report(out, data)

@@ -52,6 +52,11 @@ class DataConfig:
 class TrainConfig:
     model: str = _opt(DEFAULT_MODEL, "Hub name or local folder of a pretrained encoder")
     freeze: str = _opt("none", "none | lastN (e.g. last2: last N blocks + pooler + classifier) | head (classifier only)")
+    layer_lr_decay: float = _opt(1.0, "layer-wise lr decay F in (0, 1]: head and pooler get --lr, block i of L lr*F^(L-i), "
+                                      "embeddings lr*F^(L+1); 1 = off (with --freeze none or lastN)")
+    unfreeze_every: int = _opt(0, "gradual unfreezing: every N optimizer steps thaw the next block from the top (the "
+                                  "pooler with the first), starting from --freeze; 0 = off")
+    unfreeze_to: Optional[str] = _opt(None, "where gradual unfreezing stops: lastN or none (default none; needs --unfreeze-every)")
     lr: float = _opt(2e-5, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.01, "AdamW weight decay (never applied to biases and LayerNorm)")
     batch_size: int = _opt(16, "training batch size per device")

@@ -159,22 +159,27 @@ def diverged(problem: str, step: int, lr: float, mixed_precision: str) -> RunFai
                      exit_code=NON_FINITE_EXIT_CODE)
 
 
-def clip_parameters(accelerator: Accelerator, model) -> list:
-    """What to hand accelerator.clip_grad_norm_: the trainable parameters, or under FSDP all of them.
+def clip_parameters(accelerator: Accelerator, model, optimizer=None) -> list:
+    """What to hand accelerator.clip_grad_norm_: what the optimizer holds, or under FSDP all parameters.
 
     Accelerate uses FSDP's own clip (norm over all shards, one unscale) only when given exactly
     model.parameters(); any other list falls through to a per-shard clip after a second unscale
     (accelerate/accelerator.py, clip_grad_norm_). Frozen parameters have no grad, so they add nothing.
+    Elsewhere the optimizer's parameters, not today's requires_grad set: gradual unfreezing turns
+    requires_grad on for some of them later (it is refused under FSDP).
     """
     if accelerator.distributed_type == DistributedType.FSDP:
         return list(model.parameters())
+    if optimizer is not None:
+        return [p for group in optimizer.param_groups for p in group["params"]]
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sampler, *, state: TrainState,
         epochs: int, max_steps: int | None, max_grad_norm: float, seed: int, log_every: int,
         checkpoint_every: int, run_log: RunLog, stop: StopRequest, evaluate, checkpoint,
-        flop_model: FlopModel | None = None, peak_flops: float | None = None, max_skipped_steps: int = 100) -> str:
+        flop_model: FlopModel | None = None, peak_flops: float | None = None, max_skipped_steps: int = 100,
+        on_step=None) -> str:
     """Train until the epochs or max_steps are done ("done") or a stop is requested ("preempted").
 
     `evaluate(epoch)` runs after every epoch; `checkpoint(state)` saves a resumable
@@ -186,11 +191,12 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
     host reads device values once per optimizer step (the reduction in `_step_totals`), plus
     the loss at log steps: no `.item()` per micro-batch, so the host does not stall on the GPU
     mid-step. (transformers' SDPA mask helper still reads `padding_mask.all()` once per forward.)
+    `on_step(global_step)` runs after every optimizer step, before the next forward (gradual unfreezing).
     """
     accum = accelerator.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_loader) / accum)
     total_steps = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
-    trainable = clip_parameters(accelerator, model)
+    trainable = clip_parameters(accelerator, model, optimizer)
     model.train()
     device = accelerator.device
     window_loss = torch.zeros((), device=device)  # summed on the device, read at log steps
@@ -248,6 +254,8 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
                 state.model_flops += flops
                 window_tokens, window_padded, window_flops = window_tokens + tokens, window_padded + padded, window_flops + flops
                 bar.update(1)
+                if on_step is not None:
+                    on_step(state.global_step)
                 if state.global_step % log_every == 0 or state.global_step == total_steps:
                     elapsed = time.perf_counter() - window_start
                     mean_loss = accelerator.reduce(window_loss / window_n, reduction="mean").item()

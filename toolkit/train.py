@@ -27,17 +27,18 @@ from .config import TrainConfig, save_json
 from .distributed import DEFAULT_DIST_TIMEOUT_S, main_process_first, process_group_kwargs
 from .data import Collator, build_splits, make_loader, resolve_max_length, tokenize
 from .errors import ToolkitError
-from .freeze import apply_freeze, parse_policy
+from .freeze import summarize
 from .frozen_cache import FrozenCache
 from .loop import EvalResult, TrainState, fit, validate
 from .memory import reset_peak, run_memory
 from .metrics import f1_average
 from .model import build_optimizer, fsdp_wrap_classes, load_model, load_tokenizer, max_positions
+from .policy import Policy
 from .precision import (device_capability, enable_tf32, has_kernels, launcher_command_line, resolve_mixed_precision,
                         tf32_applies)
 from .preemption import PREEMPTED_EXIT_CODE, StopRequest
 from .run_log import RunLog
-from .throughput import FlopModel, device_peak_flops, disable_frozen_dropout
+from .throughput import CurrentFlops, FlopModel, device_peak_flops, disable_frozen_dropout
 
 
 def setup(cpu: bool, mixed_precision: str | None, grad_accum: int = 1, dist_timeout_s: float = DEFAULT_DIST_TIMEOUT_S,
@@ -162,13 +163,14 @@ def write_predictions(path: Path, result: EvalResult) -> None:
 
 
 def main(cfg: TrainConfig) -> int:
-    parse_policy(cfg.freeze)  # fail on a typo before loading anything
+    policy = Policy.from_config(cfg)  # the one parse of --freeze & co; a typo fails before anything loads
     if cfg.cache_frozen and cfg.frozen_dropout:
         raise ToolkitError("--cache-frozen computes the frozen part once, without dropout, so --frozen-dropout cannot apply",
                            "drop one of the two flags")
     trackers = tracking.check(cfg.report_to)
     extra_metrics = library_metrics.load(cfg.metrics)  # loaded now: a bad name must fail before any output
     accelerator = setup(cfg.cpu, cfg.mixed_precision, cfg.grad_accum, cfg.dist_timeout, cfg.tf32)
+    policy.check_backend(accelerator.distributed_type)
     verbosity = 0 if cfg.quiet else 2 if cfg.verbose else 1
     logs.configure(verbosity, accelerator.is_main_process, accelerator.distributed_type == DistributedType.DEEPSPEED)
     run_log = RunLog(accelerator.is_main_process, verbosity=verbosity)
@@ -184,18 +186,30 @@ def main(cfg: TrainConfig) -> int:
     # The data decide the classes (num_labels, label names), so the model is built after them.
     train_ds, eval_ds, max_length = prepare_data(accelerator, cfg.data, tokenizer, max_positions(cfg.model), run_log)
     model = load_model(cfg.model, cfg.data.num_labels, cfg.data.label_names, log=run_log.print)
-    summary = apply_freeze(model, cfg.freeze)
+    # Everything the run will ever train requires grad from here to the wrap (gradual runs mask it right after).
+    model = policy.apply(model)
+    summary = summarize(model, policy.spec)
+    schedule = policy.schedule(model)  # also checks a gradual target against the model's depth
     run_log.print(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples, max length {max_length}")
     run_log.freeze_table(summary)
+    if policy.gradual:
+        run_log.print("gradual unfreezing: " + ", ".join(f"{stage.spec} from step {step}" for step, stage in schedule))
     if cfg.cache_frozen:
-        FrozenCache.preflight(accelerator, model, cfg.freeze, train_ds, eval_ds)
+        FrozenCache.preflight(accelerator, model, policy, train_ds, eval_ds)
     # A frozen feature extractor runs as at inference (Keras' transfer-learning convention): its dropout
     # only adds noise below the trained layers, and on CPU it keeps attention off the fused kernel.
-    if not cfg.frozen_dropout and (changed := disable_frozen_dropout(model, cfg.freeze)):
+    if not cfg.frozen_dropout and (changed := disable_frozen_dropout(model, policy)):
         run_log.detail(f"frozen part without dropout ({changed} dropout modules; --frozen-dropout keeps it)")
 
     out = shared_output_dir(accelerator, cfg)
     resume = open_output_dir(accelerator, out, cfg.resume_from, run_log.print)
+    recorded = ckpt.read_progress(resume).get("policy") if resume is not None else None
+    if recorded is not None and recorded["spec"] != policy.spec:
+        raise ToolkitError(f"checkpoint {resume} was trained with policy '{recorded['spec']}', this run asks for "
+                           f"'{policy.spec}'", "resume with the same --freeze / --layer-lr-decay / --unfreeze-* options")
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, policy)
+    param_groups = [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
+                     "params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups]
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").unlink(missing_ok=True)  # only a finished run has one
@@ -203,11 +217,12 @@ def main(cfg: TrainConfig) -> int:
             "num_labels": cfg.data.num_labels, "label_names": cfg.data.label_names,
             "max_length": max_length, "world_size": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision, "train_examples": len(train_ds),
-            "eval_examples": len(eval_ds), "distributed_type": str(accelerator.distributed_type)}})
+            "eval_examples": len(eval_ds), "distributed_type": str(accelerator.distributed_type),
+            "policy": policy.spec, "param_groups": param_groups,
+            "unfreeze_schedule": [[step, stage.spec] for step, stage in schedule] if policy.gradual else None}})
     run_log.log_path = out / "metrics.jsonl"
 
     # ---- model, optimizer, data, schedule, all wrapped by Accelerate
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     pad_to = 8 if accelerator.device.type == "cuda" else None  # tensor cores like multiples of 8
     collator = Collator(tokenizer, pad_to)
     eval_batch_size = cfg.eval_batch_size or 2 * cfg.batch_size
@@ -215,14 +230,14 @@ def main(cfg: TrainConfig) -> int:
         accelerator.device.type, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     cache = None
     if cfg.cache_frozen:  # the frozen part runs once here; the loaders then carry its outputs
-        cache = FrozenCache.build(accelerator, model, cfg.freeze, train_ds, eval_ds, collator, eval_batch_size, run_log.print)
+        cache = FrozenCache.build(accelerator, model, policy, train_ds, eval_ds, collator, eval_batch_size, run_log.print)
         train_loader = cache.loader("train", cfg.batch_size, cfg.seed, cfg.group_by_length, workers)
         eval_loader = cache.loader("eval", eval_batch_size, cfg.seed, num_workers=workers)
     else:
         train_loader = make_loader(train_ds, collator, cfg.batch_size, cfg.seed, train=True, num_workers=workers,
                                    group_by_length=cfg.group_by_length)
         eval_loader = make_loader(eval_ds, collator, eval_batch_size, cfg.seed, train=False, num_workers=workers)
-    flop_model = FlopModel.from_model(model, cfg.freeze, cached_prefix=cache is not None)
+    flop_model = CurrentFlops(FlopModel.from_model(model, policy.stage(model, 0), cached_prefix=cache is not None))
     peak_flops = device_peak_flops(accelerator.device, accelerator.mixed_precision)
     sampler = train_loader.batch_sampler
     per_rank_batches = math.ceil(len(train_loader) / accelerator.num_processes)
@@ -231,7 +246,11 @@ def main(cfg: TrainConfig) -> int:
         total_steps = min(total_steps, cfg.max_steps)
     # Counted in optimizer steps: we step the scheduler once per optimizer step ourselves.
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    if accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU) and cache is None:
+    ddp = accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+    if ddp and policy.gradual:
+        # Not-yet-thawed parameters are in the wrap but get no gradient until their thaw (Policy.set_stage).
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+    elif ddp and cache is None:
         example = collator([{k: train_ds[0][k] for k in train_ds.column_names}])
         example.pop("idx")
         unused = unused_trainable_parameters(model, example)
@@ -251,6 +270,7 @@ def main(cfg: TrainConfig) -> int:
         accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = fsdp_wrap_classes(model)  # one unit per block
     if cfg.compile:  # after the probe above, which runs on the host: compiling there would compile for the CPU first
         model.compile(dynamic=True)  # in place: parameter names, checkpoints and saving are unchanged
+    raw_model = model
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
 
@@ -264,6 +284,17 @@ def main(cfg: TrainConfig) -> int:
         state = TrainState(**progress["state"])
         run_log.print(f"[green]resumed from {resume}: epoch {state.epoch}, step {state.global_step}, "
                        f"{state.batches_done} batches into the epoch[/green]")
+    if policy.gradual:
+        policy.set_stage(raw_model, state.global_step)  # where the schedule stands (also after a resume)
+        flop_model.model = FlopModel.from_model(raw_model, policy.stage(raw_model, state.global_step))
+
+    def thaw(steps_done: int) -> None:  # after every optimizer step: the next step trains the new stage
+        stage = policy.set_stage(raw_model, steps_done)
+        if stage is not None:
+            flop_model.model = FlopModel.from_model(raw_model, stage)
+            run_log.print(f"step {steps_done}: unfrozen to {stage.spec}")
+            run_log.record({"step": steps_done, "unfrozen_to": stage.spec})
+
     if cache is not None:
         state.train_runtime_s += cache.train_seconds  # it replaced the frozen part's forward passes
     tracking.start(accelerator, run_log, trackers, out, cfg.run_name or tracking.default_run_name(out), cfg.to_dict(),
@@ -289,8 +320,11 @@ def main(cfg: TrainConfig) -> int:
                  max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, log_every=cfg.log_every,
                  checkpoint_every=cfg.checkpoint_every, run_log=run_log, stop=stop, evaluate=evaluate,
                  checkpoint=lambda s: ckpt.save_checkpoint(
-                     accelerator, out, {"state": s.to_dict(), "config": cfg.to_dict()}, cfg.keep_checkpoints),
-                 flop_model=flop_model, peak_flops=peak_flops, max_skipped_steps=cfg.max_skipped_steps)
+                     accelerator, out, {"state": s.to_dict(), "config": cfg.to_dict(),
+                                        "policy": {"spec": policy.spec, "stage": policy.stage(raw_model, s.global_step).spec}},
+                     cfg.keep_checkpoints),
+                 flop_model=flop_model, peak_flops=peak_flops, max_skipped_steps=cfg.max_skipped_steps,
+                 on_step=thaw if policy.gradual else None)
     if status == "preempted":
         tracking.finish(accelerator, run_log)
         run_log.print(f"[yellow]checkpoint saved; exiting with {PREEMPTED_EXIT_CODE} so the job can be requeued[/yellow]")
@@ -300,7 +334,7 @@ def main(cfg: TrainConfig) -> int:
     result = evaluate(state.epoch)
     if cache is not None:
         cache.restore()  # the saved model runs its frozen part again
-    ckpt.save_model(accelerator, model, tokenizer, out / "model")
+    ckpt.save_model(accelerator, policy.export(model), tokenizer, out / "model")
     memory = run_memory(accelerator, optimizer)  # max over ranks; every rank takes part
     if accelerator.is_main_process:
         write_predictions(out / "predictions.csv", result)
@@ -323,7 +357,7 @@ def main(cfg: TrainConfig) -> int:
             "total_params": summary.total,
             **memory,
             "world_size": accelerator.num_processes,
-            "freeze": cfg.freeze,
+            "freeze": policy.spec,
         }
         save_json(out / "metrics.json", metrics)
         curves.plot_run(out)
