@@ -41,7 +41,14 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     model: str = _opt(DEFAULT_MODEL, "Hub name or local folder of a pretrained encoder")
-    freeze: str = _opt("none", "none | lastN (e.g. last2: last N blocks + pooler + classifier) | head (classifier only)")
+    freeze: str = _opt("none", "none | lastN (e.g. last2: last N blocks + pooler + classifier) | head (classifier only) "
+                               "| lora (LoRA adapters + pooler + classifier, see --lora-*)")
+    lora_r: int = _opt(8, "--freeze lora: rank of the LoRA update matrices (>= 1)")
+    lora_alpha: float = _opt(16.0, "--freeze lora: LoRA scale alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = _opt(0.1, "--freeze lora: dropout on the LoRA branch's input, in [0, 1)")
+    lora_targets: Optional[str] = _opt(None, "--freeze lora: comma-separated module-name suffixes to adapt, e.g. "
+                                             "attention.self.query,attention.output.dense (default: every block's "
+                                             "attention query and value projections, found by structure)")
     lr: float = _opt(2e-5, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.01, "AdamW weight decay (never applied to biases and LayerNorm)")
     batch_size: int = _opt(16, "training batch size per device")
