@@ -9,7 +9,8 @@ ModernBERT has one fused projection `Wqkv` (hidden -> 3 x hidden) instead: LoRA 
 fused projection as a whole, so its update also reaches the keys. It has the same number of
 LoRA parameters per block as query + value apart, r x (d + 3d) = 2 x r x (d + d).
 `--lora-targets a,b` names others instead: module-name suffixes inside the blocks
-(e.g. `attention.self.query,attention.output.dense`); each must match at least one Linear layer.
+(e.g. `attention.self.query,attention.output.dense`, or `layer.5.output.dense` for one block); each must
+match at least one Linear layer.
 
 Trained. peft marks only `lora_A`/`lora_B` trainable. The task head (every module outside
 `base_model`, see freeze.head_modules) and the modules after the blocks (BERT's pooler,
@@ -36,6 +37,7 @@ from torch import nn
 
 from .errors import ToolkitError
 from .freeze import POST_BLOCK_MODULES, find_blocks, head_modules
+from .throughput import FlopModel, _linear_weights
 
 HEAD_FILE = "head.safetensors"
 
@@ -107,7 +109,7 @@ def resolve_targets(model: nn.Module, targets: str | None = None) -> dict[str, s
                     resolved[f"{base}.{name}"] = role
             continue
         for name, module in block.named_modules():
-            hits = [t for t in wanted if name == t or name.endswith("." + t)]
+            hits = [t for t in wanted if name == t or f"{base}.{name}".endswith("." + t)]
             if not hits:
                 continue
             if not isinstance(module, nn.Linear):
@@ -206,6 +208,24 @@ def load_adapter(folder: str | Path, base_model: str | None = None):
                            "load the adapter onto the base model it was trained from")
     base.load_state_dict(load_file(folder / HEAD_FILE), strict=False)
     return peft.PeftModel.from_pretrained(base, folder).eval()
+
+
+def flop_model(model: nn.Module, targets: dict[str, str], r: int) -> FlopModel | None:
+    """Training FLOPs per batch of the LoRA model (see FlopModel.for_lora); `model` is the plain classifier."""
+    cfg = model.config
+    hidden = _hidden_size(model)
+    ffn = getattr(cfg, "intermediate_size", None) or getattr(cfg, "hidden_dim", None)
+    if not (hidden and ffn):
+        return None
+    block_path, blocks = find_blocks(model)
+    lead = f"{model.base_model_prefix}.{block_path}."
+    adapters: list[dict[str, int]] = [{} for _ in blocks]
+    for name, role in targets.items():
+        block = adapters[int(name[len(lead):].split(".")[0])]
+        block[role] = block.get(role, 0) + r
+    pooler = getattr(model.base_model, "pooler", None)
+    head = sum(_linear_weights(m) for m in head_modules(model).values())
+    return FlopModel.for_lora(hidden, ffn, adapters, _linear_weights(pooler), head)
 
 
 def describe(targets: dict[str, str], r: int, alpha: float) -> str:

@@ -1,0 +1,144 @@
+"""LoRA (issue 9): targets by module structure, what trains, the FLOP count, the exports, every back-end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from test_freeze import _tiny
+from toolkit import lora
+from toolkit.errors import ToolkitError
+from toolkit.freeze import summarize
+
+
+def tiny_bert(layers: int = 3, **kw) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                                    intermediate_size=64, vocab_size=100, num_labels=2, **kw))
+
+
+def trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------- targets and what trains
+
+DEFAULT_TARGETS = {  # block-relative names of the default targets, found by structure
+    "bert": ["attention.self.query", "attention.self.value"],
+    "roberta": ["attention.self.query", "attention.self.value"],
+    "distilbert": ["attention.q_lin", "attention.v_lin"],
+    "deberta-v2": ["attention.self.query_proj", "attention.self.value_proj"],
+    "modernbert": ["attn.Wqkv"],  # fused: adapted whole
+}
+FULLY_TRAINED = {  # modules outside the blocks that train in full: the head, and the pooler/final norm
+    "bert": ["classifier", "bert.pooler"],
+    "roberta": ["classifier"],  # RobertaForSequenceClassification has no pooler
+    "distilbert": ["pre_classifier", "classifier"],
+    "deberta-v2": ["pooler", "classifier"],  # DeBERTa's ContextPooler lives outside the backbone
+    "modernbert": ["head", "classifier", "model.final_norm"],
+}
+
+
+@pytest.mark.parametrize("kind", list(DEFAULT_TARGETS))
+def test_default_targets_and_trainable_set_on_every_architecture(kind):
+    model, blocks = (tiny_bert(4), "bert.encoder.layer") if kind == "bert" else _tiny(kind)[:2]
+    targets = lora.resolve_targets(model)
+    assert sorted(targets) == sorted(f"{blocks}.{i}.{t}" for i in range(4) for t in DEFAULT_TARGETS[kind])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    wrapped = lora.apply_lora(model, r=4, alpha=8, dropout=0.0)
+    plain = wrapped.get_base_model()
+    names = trainable(plain)
+    adapters = {n for n in names if ".lora_A." in n or ".lora_B." in n}
+    assert {n.split(".lora_")[0] for n in adapters} == set(targets)
+    full = {n for n, _ in plain.named_parameters() if any(n.startswith(m + ".") for m in FULLY_TRAINED[kind])}
+    assert full and names == adapters | full  # nothing else: no embeddings, no base weights of the blocks
+    # peft kept the pretrained weights (the adapted ones moved under base_layer)
+    after = {n.replace(".base_layer.", "."): p for n, p in plain.named_parameters() if ".lora_" not in n}
+    assert set(after) == set(before) and all(torch.equal(after[n], before[n]) for n in before)
+    # the trainable table shows the LoRA parameters per block: 2 projections x r x (d + d), or r x (d + 3d) fused
+    groups = {g: t for g, t, _ in summarize(plain, "lora").groups}
+    assert [groups[f"block {i}"] for i in range(4)] == [4 * (2 * 32 + 2 * 32)] * 4
+    assert groups["embeddings"] == 0
+
+
+def test_named_targets_match_suffixes_and_bad_targets_are_clear_errors():
+    model = tiny_bert(3)
+    got = lora.resolve_targets(model, "attention.output.dense,layer.2.intermediate.dense")
+    assert got == {**{f"bert.encoder.layer.{i}.attention.output.dense": "o" for i in range(3)},
+                   "bert.encoder.layer.2.intermediate.dense": "ffn_in"}
+    assert lora.resolve_targets(model, "key")["bert.encoder.layer.0.attention.self.key"] == "k"
+    with pytest.raises(ToolkitError, match="--lora-targets q_lin matches no module") as err:
+        lora.resolve_targets(model, "query,q_lin")
+    assert "attention.self.query" in err.value.fix and "output.dense" in err.value.fix  # names what exists
+    with pytest.raises(ToolkitError, match="a BertSelfOutput, not a Linear layer"):
+        lora.resolve_targets(model, "attention.output")
+    with pytest.raises(ToolkitError, match="matches no module"):
+        lora.resolve_targets(model, "pooler.dense")  # outside the blocks: the pooler trains in full anyway
+    for r, dropout, message in ((0, 0.1, "rank must be at least 1"), (-2, 0.1, "rank must be at least 1"),
+                                (8, 1.0, "outside \\[0, 1\\)"), (8, -0.1, "outside \\[0, 1\\)")):
+        with pytest.raises(ToolkitError, match=message):
+            lora.apply_lora(tiny_bert(2), r=r, alpha=16, dropout=dropout)
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+@pytest.mark.parametrize("targets", [None, "key", "layer.1.output.dense", "layer.1.attention.self.value,layer.2.intermediate.dense"])
+def test_flop_model_matches_torch_flop_counter(targets):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_bert(3, attn_implementation="eager")  # eager attention: its matmuls are visible to the counter
+    resolved = lora.resolve_targets(model, targets)
+    fm = lora.flop_model(model, resolved, r=4)
+    wrapped = lora.apply_lora(model, r=4, alpha=8, dropout=0.1, targets=targets).eval()  # eval: no dropout masks
+    lengths = [5, 11, 8]
+    counted = 0
+    for n in lengths:
+        with FlopCounterMode(display=False) as counter:
+            wrapped(input_ids=torch.randint(5, 90, (1, n)), labels=torch.tensor([1])).loss.backward()
+        counted += counter.get_total_flops()
+    assert fm.flops(sum(lengths), sum(n * n for n in lengths), len(lengths)) == counted
+    if targets is None:  # the default by hand: every block is adapted, so every frozen matmul also runs backward
+        d, f, r = 32, 64, 4
+        lora_qv = 2 * 3 * 2 * r * (d + d)
+        block = 2 * (8 * d * d + 4 * d * f) + lora_qv
+        first = block - 3 * 2 * d * d - 2 * 2 * r * d  # block 0's input needs no gradient: none for Q, K, V, A
+        assert fm.per_token == first + 2 * block
+        assert fm.per_len_sq == (10 + 12 + 12) * d  # block 0: no key gradient (key frozen, input frozen)
+        assert fm.per_seq == 3 * 2 * d * d + 3 * 2 * d * 2
+
+
+# ---------------------------------------------------------------- exports
+
+
+def test_merged_export_and_adapter_reload_give_the_trained_logits(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    base_dir = tmp_path / "base"
+    tiny_bert(2).save_pretrained(base_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir)
+    wrapped = lora.apply_lora(model, r=4, alpha=8, dropout=0.1)
+    with torch.no_grad():  # stand-in for training: move every trainable tensor
+        for p in wrapped.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    wrapped.eval()
+    x = torch.randint(5, 90, (4, 9))
+    with torch.no_grad():
+        trained = wrapped(input_ids=x).logits
+    state = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    merged = lora.merged_model(wrapped, state)
+    assert type(merged) is type(model) and not any("lora" in n for n, _ in merged.named_parameters())
+    merged.save_pretrained(tmp_path / "model")
+    lora.save_adapter(wrapped, tmp_path / "adapter", state)
+    assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "config.json"} <= {
+        p.name for p in (tmp_path / "adapter").iterdir()}
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").eval()
+    reloaded = lora.load_adapter(tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=x).logits, trained, atol=1e-5, rtol=0)
+        assert torch.allclose(reloaded(input_ids=x).logits, trained, atol=1e-6, rtol=0)
+    # the trained model was left as it was (the merge ran on a copy)
+    assert any(".lora_A." in n for n, _ in wrapped.named_parameters())
+    assert all(torch.equal(v, state[k]) for k, v in wrapped.state_dict().items())
