@@ -142,3 +142,111 @@ def test_merged_export_and_adapter_reload_give_the_trained_logits(tmp_path):
     # the trained model was left as it was (the merge ran on a copy)
     assert any(".lora_A." in n for n, _ in wrapped.named_parameters())
     assert all(torch.equal(v, state[k]) for k, v in wrapped.state_dict().items())
+
+
+# ---------------------------------------------------------------- end to end: train.main, 1 process, DDP, ZeRO
+
+RUN_ARGS = ["--task", "imdb-subset", "--train-samples", "32", "--eval-samples", "20", "--max-length", "32",
+            "--batch-size", "8", "--lr", "2e-3", "--seed", "1", "--freeze", "lora", "--lora-r", "4",
+            "--lora-alpha", "8", "--log-every", "100", "--cpu"]
+MAX_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, minilm):
+    """A 2-block BERT (random weights: the mechanics do not need pretrained ones) with MiniLM's tokenizer."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny") / "bert"
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    tiny_bert(2, vocab_size=tokenizer.vocab_size).save_pretrained(path)  # vocab_size overrides tiny_bert's 100
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def eval_texts(data_dir):
+    from toolkit.config import DataConfig
+    from toolkit.data import build_splits
+
+    _, eval_ds = build_splits(DataConfig(task="imdb-subset", data_dir=data_dir, train_samples=32, eval_samples=20),
+                              log=lambda *a: None)
+    return list(eval_ds["text"])
+
+
+def check_lora_run(out, base: str, texts: list[str]) -> None:
+    """What every LoRA run must leave behind, whatever the back-end."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from conftest import read_json, read_predictions
+
+    config, metrics = read_json(out / "config.json"), read_json(out / "metrics.json")
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    head = load_file(out / "adapter" / "head.safetensors")
+    settings = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    scale = settings["lora_alpha"] / settings["r"]
+    # the trainable set: LoRA A/B on exactly the resolved targets, plus the head and the pooler, nothing else
+    targets = config["resolved"]["lora_targets"]
+    assert targets and all(t.endswith(("attention.self.query", "attention.self.value")) for t in targets)
+    assert set(adapter) == {f"base_model.model.{t}.lora_{m}.weight" for t in targets for m in "AB"}
+    assert set(head) == {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+    assert metrics["trainable_params"] == sum(v.numel() for v in [*adapter.values(), *head.values()])
+    # model/ is the plain architecture: the pretrained weights, exactly, except the merged targets and the head
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    pretrained = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2).state_dict()
+    weights = merged.state_dict()
+    assert set(weights) == set(pretrained) and not (out / "model" / "adapter_config.json").exists()
+    for name, before in pretrained.items():
+        target = name.removesuffix(".weight")
+        if name in head:
+            assert torch.equal(weights[name], head[name]), name
+        elif target in targets:
+            delta = adapter[f"base_model.model.{target}.lora_B.weight"] @ adapter[f"base_model.model.{target}.lora_A.weight"]
+            assert delta.abs().max() > 0, f"{target}: the adapter did not train"
+            torch.testing.assert_close(weights[name], before + scale * delta, atol=1e-6, rtol=0)
+        else:
+            assert torch.equal(weights[name], before), f"{name} is not a LoRA target but changed"
+    # merged logits == the trained (unmerged) adapter's on the eval set
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    batch = tokenizer(texts, truncation=True, max_length=MAX_LEN, padding=True, return_tensors="pt")
+    unmerged = lora.load_adapter(out / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, unmerged(**batch).logits, atol=1e-5, rtol=0)
+    # the run's predictions came from the trained model in the run: the merged folder reproduces them
+    predictions = [r[2] for r in read_predictions(out / "predictions.csv")]
+    assert predictions == merged(**batch).logits.argmax(-1).tolist()
+
+
+PIPELINE_WITHOUT_PEFT = r'''
+import json, sys
+sys.modules["peft"] = None  # any import of peft now fails: model/ must not need it
+from transformers import pipeline
+clf = pipeline("text-classification", model=sys.argv[1], device=-1)
+texts = json.load(open(sys.argv[2]))
+print(json.dumps([r["label"] for r in clf(texts, truncation=True, max_length=int(sys.argv[3]))]))
+'''
+
+
+def test_lora_minilm_one_process(tmp_path, minilm, data_dir, eval_texts):
+    """The real pretrained model on real reviews, through train.main: exports, merged == unmerged, pipeline."""
+    import json
+
+    from conftest import python, read_json, read_predictions
+    from toolkit.cli import run
+    from toolkit.config import TrainConfig
+    from toolkit.train import main
+
+    out = tmp_path / "run"
+    assert run(main, TrainConfig, "train", ["--model", minilm, "--data-dir", data_dir, *RUN_ARGS,
+                                            "--output-dir", str(out)]) == 0
+    check_lora_run(out, minilm, eval_texts)
+    assert read_json(out / "metrics.json")["train_model_tflops"] > 0  # the LoRA FLOP count is wired in
+    (tmp_path / "texts.json").write_text(json.dumps(eval_texts))
+    script = tmp_path / "pipe.py"
+    script.write_text(PIPELINE_WITHOUT_PEFT)
+    labels = json.loads(python(str(script), str(out / "model"), str(tmp_path / "texts.json"), str(MAX_LEN)).stdout.splitlines()[-1])
+    names = {"negative": 0, "positive": 1}
+    assert [names[x] for x in labels] == [r[2] for r in read_predictions(out / "predictions.csv")]

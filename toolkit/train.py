@@ -19,11 +19,12 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, Ini
 from transformers import get_linear_schedule_with_warmup
 
 from . import checkpoint as ckpt
+from . import lora
 from .cluster import detect, export_torch_distributed_env
 from .config import TrainConfig, save_json
 from .data import Collator, build_splits, get_preset, make_loader, resolve_max_length, tokenize
 from .errors import ToolkitError
-from .freeze import apply_freeze, parse_policy
+from .freeze import apply_freeze, parse_policy, summarize
 from .frozen_cache import FrozenCache
 from .loop import EvalResult, TrainState, fit, validate
 from .model import build_optimizer, load_model, load_tokenizer
@@ -112,7 +113,13 @@ def write_predictions(path: Path, result: EvalResult) -> None:
 
 
 def main(cfg: TrainConfig) -> int:
-    parse_policy(cfg.freeze)  # fail on a typo before loading anything
+    if cfg.freeze == "lora":
+        lora.check_options(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        if cfg.cache_frozen:
+            raise ToolkitError("--cache-frozen needs a frozen prefix, but LoRA adapts the blocks from the first one up",
+                               "drop --cache-frozen for --freeze lora")
+    else:
+        parse_policy(cfg.freeze)  # fail on a typo before loading anything
     if cfg.cache_frozen and cfg.frozen_dropout:
         raise ToolkitError("--cache-frozen computes the frozen part once, without dropout, so --frozen-dropout cannot apply",
                            "drop one of the two flags")
@@ -127,7 +134,14 @@ def main(cfg: TrainConfig) -> int:
     preset = get_preset(cfg.data.task)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, cfg.data.num_labels, preset.label_names if not cfg.data.train_file else None)
-    summary = apply_freeze(model, cfg.freeze)
+    lora_targets = lora_flops = None
+    if cfg.freeze == "lora":  # peft wraps before accelerator.prepare, like any freeze policy
+        lora_targets = lora.resolve_targets(model, cfg.lora_targets)
+        lora_flops = lora.flop_model(model, lora_targets, cfg.lora_r)
+        model = lora.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        summary = summarize(model.get_base_model(), lora.describe(lora_targets, cfg.lora_r, cfg.lora_alpha))
+    else:
+        summary = apply_freeze(model, cfg.freeze)
     train_ds, eval_ds, max_length = prepare_data(accelerator, cfg.data, tokenizer,
                                                  getattr(model.config, "max_position_embeddings", None), run_log)
     run_log.print(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples, max length {max_length}")
@@ -136,7 +150,7 @@ def main(cfg: TrainConfig) -> int:
         FrozenCache.preflight(accelerator, model, cfg.freeze, train_ds, eval_ds)
     # A frozen feature extractor runs as at inference (Keras' transfer-learning convention): its dropout
     # only adds noise below the trained layers, and on CPU it keeps attention off the fused kernel.
-    if not cfg.frozen_dropout and (changed := disable_frozen_dropout(model, cfg.freeze)):
+    if not cfg.frozen_dropout and cfg.freeze != "lora" and (changed := disable_frozen_dropout(model, cfg.freeze)):
         run_log.print(f"frozen part without dropout ({changed} dropout modules; --frozen-dropout keeps it)")
 
     out = shared_output_dir(accelerator, cfg)
@@ -147,7 +161,8 @@ def main(cfg: TrainConfig) -> int:
         save_json(out / "config.json", {**cfg.to_dict(), "resolved": {
             "max_length": max_length, "world_size": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision, "train_examples": len(train_ds),
-            "eval_examples": len(eval_ds), "distributed_type": str(accelerator.distributed_type)}})
+            "eval_examples": len(eval_ds), "distributed_type": str(accelerator.distributed_type),
+            **({"lora_targets": sorted(lora_targets)} if lora_targets else {})}})
     run_log.log_path = out / "metrics.jsonl"
 
     # ---- model, optimizer, data, schedule, all wrapped by Accelerate
@@ -164,7 +179,7 @@ def main(cfg: TrainConfig) -> int:
         train_loader = make_loader(train_ds, collator, cfg.batch_size, cfg.seed, train=True, num_workers=cfg.num_workers,
                                    group_by_length=cfg.group_by_length)
         eval_loader = make_loader(eval_ds, collator, eval_batch_size, cfg.seed, train=False, num_workers=cfg.num_workers)
-    flop_model = FlopModel.from_model(model, cfg.freeze, cached_prefix=cache is not None)
+    flop_model = lora_flops if cfg.freeze == "lora" else FlopModel.from_model(model, cfg.freeze, cached_prefix=cache is not None)
     peak_flops = device_peak_flops(accelerator.device, accelerator.mixed_precision)
     if cfg.compile:
         model.compile(dynamic=True)  # in place: parameter names, checkpoints and saving are unchanged
