@@ -14,8 +14,9 @@ from toolkit.freeze import summarize
 
 def tiny_bert(layers: int = 3, **kw) -> BertForSequenceClassification:
     torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                                                    intermediate_size=64, vocab_size=100, num_labels=2, **kw))
+    settings = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+                    vocab_size=100, num_labels=2)
+    return BertForSequenceClassification(BertConfig(**{**settings, **kw}))
 
 
 def trainable(model) -> set[str]:
@@ -244,9 +245,52 @@ def test_lora_minilm_one_process(tmp_path, minilm, data_dir, eval_texts):
                                             "--output-dir", str(out)]) == 0
     check_lora_run(out, minilm, eval_texts)
     assert read_json(out / "metrics.json")["train_model_tflops"] > 0  # the LoRA FLOP count is wired in
+    # a checkpoint folder scores like the run (evaluate.py / predict.py accept one): rebuilt with LoRA, merged
+    from transformers import AutoModelForSequenceClassification
+
+    from toolkit.saved import load_saved
+
+    saved = load_saved(str(next((out / "checkpoints").glob("step-*"))))
+    batch = saved.tokenizer(eval_texts[:6], truncation=True, max_length=MAX_LEN, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(saved.model(**batch).logits, AutoModelForSequenceClassification.from_pretrained(
+            out / "model")(**batch).logits, atol=1e-5, rtol=0)
     (tmp_path / "texts.json").write_text(json.dumps(eval_texts))
     script = tmp_path / "pipe.py"
     script.write_text(PIPELINE_WITHOUT_PEFT)
     labels = json.loads(python(str(script), str(out / "model"), str(tmp_path / "texts.json"), str(MAX_LEN)).stdout.splitlines()[-1])
     names = {"negative": 0, "positive": 1}
     assert [names[x] for x in labels] == [r[2] for r in read_predictions(out / "predictions.csv")]
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+def test_lora_two_processes(tmp_path, tiny_dir, data_dir, eval_texts, backend):
+    """2-process DDP (gloo) and DeepSpeed ZeRO-2 on CPU: the same exports; ZeRO-2 also resumes a checkpoint."""
+    import shutil
+
+    from conftest import ROOT, accelerate_launch, read_json, read_predictions
+
+    args = ["launch/train.py", "--model", tiny_dir, "--data-dir", data_dir, *RUN_ARGS, "--mixed-precision", "no"]
+    config = str(ROOT / "accelerate_configs" / "cpu_deepspeed_zero2.yaml") if backend == "zero2" else None
+    if backend == "zero2":
+        pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    accelerate_launch(*args, "--output-dir", str(out), "--checkpoint-every", "1", config=config)
+    resolved = read_json(out / "config.json")["resolved"]
+    assert resolved["world_size"] == 2
+    assert resolved["distributed_type"] == ("DistributedType.DEEPSPEED" if backend == "zero2" else "DistributedType.MULTI_CPU")
+    assert read_json(out / "metrics.json")["global_step"] == 2  # 32 rows / (8 x 2 ranks)
+    check_lora_run(out, tiny_dir, eval_texts)
+    if backend != "zero2":
+        return
+    # resume from the step-1 checkpoint (DeepSpeed's engine state of the PeftModel): the same end
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoints" / "step-00000001", resumed / "checkpoints" / "step-00000001")
+    proc = accelerate_launch(*args, "--output-dir", str(resumed), "--resume-from", "auto", config=config)
+    assert "resumed from" in proc.stdout
+    assert read_predictions(resumed / "predictions.csv") == read_predictions(out / "predictions.csv")
+    a, b = read_json(out / "metrics.json"), read_json(resumed / "metrics.json")
+    assert a["eval_loss"] == b["eval_loss"] and b["global_step"] == 2
+    from safetensors.torch import load_file
+    first, second = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, resumed))
+    assert all(torch.equal(first[k], second[k]) for k in first)

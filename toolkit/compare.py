@@ -41,7 +41,7 @@ NOT_COMPARED = {"output_dir", "resume_from", "stop_file", "log_every", "checkpoi
 @dataclass
 class CompareConfig(TrainConfig):
     policies: str = _opt("none,last2,head", "comma-separated freeze policies to train one after another "
-                                            "(none, head, lastN); 'none' is the baseline for speed-up and F1 change")
+                                            "(none, head, lastN, lora); 'none' is the baseline for speed-up and F1 change")
     freeze: Optional[str] = _opt(None, argparse.SUPPRESS)  # replaced by --policies; given anyway -> a clear error
 
     def resolve_output_dir(self) -> Path:
@@ -58,7 +58,8 @@ def parse_policies(text: str) -> list[str]:
     if repeated:
         raise ToolkitError(f"--policies names {', '.join(repeated)} more than once", "list each policy once")
     for policy in policies:
-        parse_policy(policy)
+        if policy != "lora":  # LoRA's settings come from the --lora-* flags, shared by the run
+            parse_policy(policy)
     return policies
 
 
