@@ -11,7 +11,8 @@ from transformers import (
 )
 
 from toolkit.errors import ToolkitError
-from toolkit.freeze import apply_freeze, find_blocks, parse_policy
+from toolkit.freeze import apply_freeze, find_blocks
+from toolkit.policy import Policy
 from toolkit.model import build_optimizer
 
 
@@ -59,7 +60,7 @@ def test_optimizer_holds_only_trainable_params_and_skips_decay_for_bias_and_laye
 @pytest.mark.parametrize("policy", ["last0", "lastx", "bottom2", "", "Last2"])
 def test_unknown_policy_is_a_clear_error(policy):
     with pytest.raises(ToolkitError, match="unknown freeze policy"):
-        parse_policy(policy)
+        Policy.parse(policy)
 
 
 def test_last_n_larger_than_model(bert_base):

@@ -90,8 +90,7 @@ def test_flop_model_matches_torch_flop_counter(targets):
     from torch.utils.flop_counter import FlopCounterMode
 
     model = tiny_bert(3, attn_implementation="eager")  # eager attention: its matmuls are visible to the counter
-    resolved = lora.resolve_targets(model, targets)
-    fm = lora.flop_model(model, resolved, r=4)
+    fm = lora.flop_model(model, 4, targets)
     wrapped = lora.apply_lora(model, r=4, alpha=8, dropout=0.1, targets=targets).eval()  # eval: no dropout masks
     lengths = [5, 11, 8]
     counted = 0

@@ -28,7 +28,7 @@ from rich.markup import escape
 from . import report
 from .config import TrainConfig, _opt, save_json
 from .errors import ToolkitError
-from .freeze import parse_policy
+from .policy import Policy
 from .preemption import PREEMPTED_EXIT_CODE
 from .train import shared_output_dir, setup
 from .train import main as train_main
@@ -40,9 +40,15 @@ NOT_COMPARED = {"output_dir", "resume_from", "stop_file", "log_every", "checkpoi
 
 @dataclass
 class CompareConfig(TrainConfig):
-    policies: str = _opt("none,last2,head", "comma-separated freeze policies to train one after another "
-                                            "(none, head, lastN, lora); 'none' is the baseline for speed-up and F1 change")
-    freeze: Optional[str] = _opt(None, argparse.SUPPRESS)  # replaced by --policies; given anyway -> a clear error
+    policies: str = _opt("none,last2,head", "comma-separated policies to train one after another: none, head, lastN, "
+                                            "lora (with the --lora-* settings), +llrdF for layer-wise lr decay "
+                                            "(last2+llrd0.9), START>TARGET@N for gradual unfreezing every N steps "
+                                            "(head>none@50); 'none' is the baseline")
+    # replaced by --policies; given anyway -> a clear error
+    freeze: Optional[str] = _opt(None, argparse.SUPPRESS)
+    layer_lr_decay: Optional[float] = _opt(None, argparse.SUPPRESS)
+    unfreeze_every: Optional[int] = _opt(None, argparse.SUPPRESS)
+    unfreeze_to: Optional[str] = _opt(None, argparse.SUPPRESS)
 
     def resolve_output_dir(self) -> Path:
         if self.output_dir is None:
@@ -50,22 +56,21 @@ class CompareConfig(TrainConfig):
         return Path(self.output_dir)
 
 
-def parse_policies(text: str) -> list[str]:
-    policies = [p.strip() for p in text.split(",") if p.strip()]
+def parse_policies(text: str) -> list[Policy]:
+    """The list's policies, parsed with the spelling of toolkit/policy.py."""
+    policies = [Policy.parse(p) for p in text.split(",") if p.strip()]
     if not policies:
         raise ToolkitError("--policies is empty", "pass e.g. --policies none,last2,head")
-    repeated = sorted({p for p in policies if policies.count(p) > 1})
+    specs = [p.spec for p in policies]
+    repeated = sorted({p for p in specs if specs.count(p) > 1})
     if repeated:
         raise ToolkitError(f"--policies names {', '.join(repeated)} more than once", "list each policy once")
-    for policy in policies:
-        if policy != "lora":  # LoRA's settings come from the --lora-* flags, shared by the run
-            parse_policy(policy)
     return policies
 
 
-def run_config(base: TrainConfig, policy: str, out: Path) -> TrainConfig:
+def run_config(base: TrainConfig, policy: Policy, out: Path) -> TrainConfig:
     # deep copy: train.main may fill in fields, and no run may see another's changes
-    return dataclasses.replace(copy.deepcopy(base), freeze=policy, output_dir=str(out / policy))
+    return dataclasses.replace(copy.deepcopy(base), **policy.config_fields(), output_dir=str(out / policy.slug))
 
 
 def _mismatch(saved: dict, wanted: dict, defaults: dict, prefix: str = "") -> list[str]:
@@ -85,7 +90,7 @@ def plan(out: Path, runs: dict[str, TrainConfig], world_size: int) -> dict[str, 
     """policy -> 'reuse' | 'train'; refuses finished runs whose settings differ from this invocation's."""
     decisions = {}
     for policy, cfg in runs.items():
-        run_dir = out / policy
+        run_dir = Path(cfg.output_dir)
         if not (run_dir / "metrics.json").is_file():
             decisions[policy] = "train"
             continue
@@ -119,6 +124,11 @@ def main(cfg: CompareConfig) -> int:
     if cfg.freeze is not None:
         raise ToolkitError("compare trains every policy in --policies; it does not take --freeze",
                            f"pass --policies {cfg.freeze} (or a list such as none,last2,head)")
+    for flag, value in (("--layer-lr-decay", cfg.layer_lr_decay), ("--unfreeze-every", cfg.unfreeze_every),
+                        ("--unfreeze-to", cfg.unfreeze_to)):
+        if value is not None:
+            raise ToolkitError(f"compare takes {flag} per policy, inside --policies",
+                               "spell it in the list: last2+llrd0.9 (layer-wise lr decay), head>none@50 (gradual)")
     policies = parse_policies(cfg.policies)
     if cfg.resume_from not in (None, "auto"):
         raise ToolkitError(f"compare resumes each policy from its own folder, not from {cfg.resume_from}",
@@ -126,7 +136,7 @@ def main(cfg: CompareConfig) -> int:
     base = TrainConfig(**{f.name: copy.deepcopy(getattr(cfg, f.name)) for f in dataclasses.fields(TrainConfig)})
     accelerator = setup(cfg.cpu, cfg.mixed_precision, cfg.grad_accum)
     out = shared_output_dir(accelerator, cfg)
-    runs = {policy: run_config(base, policy, out) for policy in policies}
+    runs = {policy.spec: run_config(base, policy, out) for policy in policies}
     decisions = [_plan_or_error(out, runs, accelerator.num_processes) if accelerator.is_main_process else None]
     broadcast_object_list(decisions, from_process=0)  # every rank must train the same runs in the same order
     if isinstance(decisions[0], ToolkitError):
@@ -134,13 +144,13 @@ def main(cfg: CompareConfig) -> int:
     console = Console(stderr=True, highlight=False) if accelerator.is_main_process else None
     hardware = report.describe_hardware(accelerator.device.type, accelerator.num_processes)
 
-    records = [{"policy": p, "run_dir": p, "status": "not run", "error": None} for p in policies]
+    records = [{"policy": p.spec, "run_dir": p.slug, "status": "not run", "error": None} for p in policies]
     code = 0
     for record, (policy, run_cfg) in zip(records, runs.items()):
         if decisions[0][policy] == "reuse":
             record["status"] = "reused"
             if console:
-                console.print(f"[green]{policy}: finished run found in {out / policy}, reused[/green]")
+                console.print(f"[green]{policy}: finished run found in {run_cfg.output_dir}, reused[/green]")
             continue
         try:
             result = train_main(run_cfg)
@@ -159,7 +169,7 @@ def main(cfg: CompareConfig) -> int:
         if result == 0:
             record["status"] = "trained"
             if accelerator.is_main_process:
-                save_json(out / policy / "hardware.json", {"hardware": hardware})
+                save_json(Path(run_cfg.output_dir) / "hardware.json", {"hardware": hardware})
         elif result is not None:
             record.update(status="failed", error=f"training exited with status {result}")
 

@@ -1,6 +1,6 @@
 """Freeze policies, found from the model's module structure.
 
-Policies:
+Static policies (toolkit/policy.py parses them and adds LLRD and gradual unfreezing):
   none   train every parameter.
   lastN  train the last N encoder blocks, what runs after them (BERT's pooler,
          ModernBERT's final norm) and the task head.
@@ -41,16 +41,6 @@ class FreezeSummary:
         return self.trainable / self.total if self.total else 0.0
 
 
-def parse_policy(policy: str) -> tuple[str, int]:
-    """'none' -> ('none', 0), 'last2' -> ('last', 2), 'head' -> ('head', 0)."""
-    if policy in ("none", "head"):
-        return policy, 0
-    match = re.fullmatch(r"last(\d+)", policy)
-    if match and int(match.group(1)) >= 1:
-        return "last", int(match.group(1))
-    raise ToolkitError(f"unknown freeze policy '{policy}'", "use --freeze none, head, or lastN with N >= 1 (e.g. last2)")
-
-
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The backbone's list of transformer blocks: its longest ModuleList of one block type."""
     backbone = model.base_model
@@ -73,36 +63,13 @@ def head_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_children() if name != prefix and any(True for _ in m.parameters())}
 
 
-def trainable_modules(model: nn.Module, policy: str) -> dict[str, nn.Module]:
-    """Qualified module name -> module, for every module the policy trains."""
-    kind, n = parse_policy(policy)
-    if kind == "none":
-        return {"": model}
-    chosen = dict(head_modules(model))
-    if kind == "last":
-        prefix = model.base_model_prefix
-        block_path, blocks = find_blocks(model)
-        if n > len(blocks):
-            raise ToolkitError(
-                f"--freeze last{n} asks for {n} blocks but this model has {len(blocks)}",
-                f"use last1..last{len(blocks)}, or --freeze none to train everything",
-            )
-        for i in range(len(blocks) - n, len(blocks)):
-            chosen[f"{prefix}.{block_path}.{i}"] = blocks[i]
-        for name in POST_BLOCK_MODULES:
-            module = getattr(model.base_model, name, None)
-            if isinstance(module, nn.Module):
-                chosen[f"{prefix}.{name}"] = module
-    return chosen
+def apply_freeze(model: nn.Module, policy) -> FreezeSummary:
+    """Set requires_grad per a static policy (a Policy, or its spelling) and summarise the result per group."""
+    from .policy import Policy  # policy.py builds on this module's structure helpers
 
-
-def apply_freeze(model: nn.Module, policy: str) -> FreezeSummary:
-    """Set requires_grad per the policy and summarise the result per parameter group."""
-    chosen = trainable_modules(model, policy)
-    model.requires_grad_(False)
-    for module in chosen.values():
-        module.requires_grad_(True)
-    return summarize(model, policy)
+    policy = Policy.of(policy)
+    policy.apply(model)
+    return summarize(model, policy.spec)
 
 
 def _group(name: str, block_path: str | None) -> str:
@@ -116,6 +83,8 @@ def _group(name: str, block_path: str | None) -> str:
 
 
 def summarize(model: nn.Module, policy: str) -> FreezeSummary:
+    if type(model).__module__.startswith("peft."):  # LoRA: group by the classifier's own names (block i, pooler, ...)
+        model = model.get_base_model()
     try:
         block_path = find_blocks(model)[0]
     except ToolkitError:

@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import EpochBatchSampler
 from .errors import ToolkitError
-from .freeze import find_blocks, parse_policy
+from .freeze import find_blocks
+from .policy import Policy
 
 
 class _Stop(Exception):
@@ -114,7 +115,7 @@ class _FeatureCollator:
 @dataclass
 class FrozenCache:
     model: nn.Module
-    policy: str
+    policy: Policy
     train_lengths: list[int]
     eval_lengths: list[int]
     train: _Features | None = None
@@ -128,9 +129,17 @@ class FrozenCache:
     # ------------------------------------------------------------ checks and layout
 
     @staticmethod
-    def check(model: nn.Module, policy: str, accelerator=None) -> tuple[nn.Module, int]:
+    def check(model: nn.Module, policy: "Policy | str", accelerator=None) -> tuple[nn.Module, int]:
         """(boundary module whose output is cached, number of frozen blocks); raises ToolkitError if unsupported."""
-        kind, n = parse_policy(policy)
+        policy = Policy.of(policy)
+        kind, n = policy.kind, policy.blocks
+        if policy.kind == "lora":
+            raise ToolkitError("--cache-frozen needs a frozen prefix, but LoRA adapts the blocks from the first one up",
+                               "drop --cache-frozen for --freeze lora (or cache with --freeze head / lastN)")
+        if policy.gradual:
+            raise ToolkitError(f"--cache-frozen needs a static frozen prefix, but '{policy.spec}' thaws blocks during "
+                               "the run", "use --cache-frozen with --freeze head or lastN without --unfreeze-every, "
+                               "or drop --cache-frozen")
         if kind == "none":
             raise ToolkitError("--cache-frozen needs a frozen part, but --freeze none trains everything",
                                "use --freeze head or --freeze lastN with --cache-frozen, or drop --cache-frozen")
@@ -155,15 +164,15 @@ class FrozenCache:
         return (blocks[frozen - 1] if frozen > 0 else embeddings), frozen
 
     @staticmethod
-    def estimate_bytes(model: nn.Module, policy: str, train_lengths: list[int], eval_lengths: list[int]) -> int:
+    def estimate_bytes(model: nn.Module, policy: "Policy | str", train_lengths: list[int], eval_lengths: list[int]) -> int:
         """fp32 features held by one process: one vector per row (head) or one per token (lastN)."""
         hidden = model.config.hidden_size
-        if parse_policy(policy)[0] == "head":
+        if Policy.of(policy).kind == "head":
             return (len(train_lengths) + len(eval_lengths)) * hidden * 4
         return (sum(train_lengths) + sum(eval_lengths)) * hidden * 4
 
     @classmethod
-    def preflight(cls, accelerator, model: nn.Module, policy: str, train_ds, eval_ds, memory_share: float = 0.5) -> None:
+    def preflight(cls, accelerator, model: nn.Module, policy: "Policy | str", train_ds, eval_ds, memory_share: float = 0.5) -> None:
         """Every reason --cache-frozen cannot run, raised before the run writes anything."""
         cls.check(model, policy, accelerator)
         need = cls.estimate_bytes(model, policy, list(train_ds["length"]), list(eval_ds["length"]))
@@ -179,9 +188,10 @@ class FrozenCache:
     # ------------------------------------------------------------ building
 
     @classmethod
-    def build(cls, accelerator, model: nn.Module, policy: str, train_ds, eval_ds, collator, batch_size: int,
+    def build(cls, accelerator, model: nn.Module, policy: "Policy | str", train_ds, eval_ds, collator, batch_size: int,
               log=print) -> "FrozenCache":
         """Compute the frozen part's outputs for both splits (eval mode), then short-circuit the frozen modules."""
+        policy = Policy.of(policy)
         cls.preflight(accelerator, model, policy, train_ds, eval_ds)
         boundary, frozen_blocks = cls.check(model, policy, accelerator)
         cache = cls(model, policy, list(train_ds["length"]), list(eval_ds["length"]),
@@ -207,7 +217,7 @@ class FrozenCache:
         lengths = list(ds["length"])
         order = sorted(range(len(ds)), key=lambda i: -lengths[i])  # little padding
         mine = order[accelerator.process_index::accelerator.num_processes]
-        head = parse_policy(self.policy)[0] == "head"
+        head = self.policy.kind == "head"
         captured: dict[str, torch.Tensor] = {}
 
         def hook(module, args, output):
@@ -256,7 +266,7 @@ class FrozenCache:
         for block in list(blocks)[:frozen_blocks]:
             _short_circuit(block, _block_passthrough)
             self._patched.append(block)
-        if parse_policy(self.policy)[0] == "head":
+        if self.policy.kind == "head":
             _short_circuit(base.pooler, _pooler_passthrough)
             self._patched.append(base.pooler)
 

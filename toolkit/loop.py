@@ -100,18 +100,20 @@ def _step_totals(accelerator: Accelerator, stop_flag: bool, pending: torch.Tenso
 def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sampler, *, state: TrainState,
         epochs: int, max_steps: int | None, max_grad_norm: float, seed: int, log_every: int,
         checkpoint_every: int, run_log: RunLog, stop: StopRequest, evaluate, checkpoint,
-        flop_model: FlopModel | None = None, peak_flops: float | None = None) -> str:
+        flop_model: FlopModel | None = None, peak_flops: float | None = None, on_step=None) -> str:
     """Train until the epochs or max_steps are done ("done") or a stop is requested ("preempted").
 
     `evaluate(epoch)` runs after every epoch; `checkpoint(state)` saves a resumable
     checkpoint. `sampler` is the EpochBatchSampler behind `train_loader`. Throughput
     (samples/s, non-padding tokens/s, padding fraction, and MFU when `peak_flops` of one
     device is known) goes to the progress bar and metrics.jsonl at every log step.
+    `on_step(global_step)` runs after every optimizer step, before the next forward (gradual unfreezing).
     """
     accum = accelerator.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_loader) / accum)
     total_steps = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    # Clip over what the optimizer holds: gradual unfreezing turns requires_grad on for some of it later.
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
     window_loss, window_n, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
     window_tokens, window_padded, window_flops = 0, 0, 0.0
@@ -156,6 +158,8 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
                 state.model_flops += flops
                 window_tokens, window_padded, window_flops = window_tokens + tokens, window_padded + padded, window_flops + flops
                 bar.update(1)
+                if on_step is not None:
+                    on_step(state.global_step)
                 if state.global_step % log_every == 0 or state.global_step == total_steps:
                     elapsed = time.perf_counter() - window_start
                     mean_loss = accelerator.reduce(torch.tensor([window_loss / window_n], device=accelerator.device),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +38,6 @@ from torch import nn
 
 from .errors import ToolkitError
 from .freeze import POST_BLOCK_MODULES, find_blocks, head_modules
-from .throughput import FlopModel, _linear_weights
 
 HEAD_FILE = "head.safetensors"
 
@@ -60,6 +60,43 @@ def check_options(r: int, alpha: float, dropout: float) -> None:
         raise ToolkitError(f"--lora-dropout {dropout} is outside [0, 1)", "use e.g. --lora-dropout 0.1 (the default), or 0 for none")
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """The --lora-* settings: the LoRA part of a Policy (toolkit/policy.py)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    targets: str | None = None  # None: every block's query and value projections
+
+    def __post_init__(self) -> None:
+        check_options(self.r, self.alpha, self.dropout)
+
+    @classmethod
+    def from_config(cls, cfg) -> "LoraSpec":
+        return cls(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """The transformers classifier inside a peft model (the model itself otherwise)."""
+    return model.get_base_model() if is_lora(model) else model
+
+
+def _linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
+    """Name -> Linear layer in a block; a peft LoRA layer counts as its base Linear (its insides are skipped)."""
+    found: dict[str, nn.Linear] = {}
+    inside = None
+    for name, module in block.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, nn.Linear):
+            found[name], inside = base, name + "."
+        elif isinstance(module, nn.Linear):
+            found[name] = module
+    return found
+
+
 def _hidden_size(model: nn.Module) -> int | None:
     cfg = getattr(model, "config", None)
     return getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", None)
@@ -67,7 +104,7 @@ def _hidden_size(model: nn.Module) -> int | None:
 
 def attention_projections(block: nn.Module, hidden: int) -> dict[str, str]:
     """Role ('q', 'k', 'v', or 'qkv' for a fused projection) -> module name inside one block."""
-    linears = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    linears = list(_linear_layers(block).items())
     fused = [n for n, m in linears if m.in_features == hidden and m.out_features == 3 * hidden]
     if fused:
         return {"qkv": fused[0]}
@@ -84,7 +121,9 @@ def resolve_targets(model: nn.Module, targets: str | None = None) -> dict[str, s
 
     `targets` None: the query and value projections of every block (the fused qkv for ModernBERT).
     Otherwise comma-separated module-name suffixes, matched against the Linear layers of the blocks.
+    Works on the plain classifier and on its peft wrapping alike (the names are the plain model's).
     """
+    model = base_of(model)
     prefix = model.base_model_prefix
     block_path, blocks = find_blocks(model)
     hidden = _hidden_size(model)
@@ -108,7 +147,11 @@ def resolve_targets(model: nn.Module, targets: str | None = None) -> dict[str, s
                 if role in ("q", "v", "qkv"):
                     resolved[f"{base}.{name}"] = role
             continue
+        linears = _linear_layers(block)
         for name, module in block.named_modules():
+            if ".lora_" in name or name.endswith(".base_layer"):
+                continue  # inside a peft LoRA layer
+            module = linears.get(name, module)
             hits = [t for t in wanted if name == t or f"{base}.{name}".endswith("." + t)]
             if not hits:
                 continue
@@ -127,7 +170,7 @@ def resolve_targets(model: nn.Module, targets: str | None = None) -> dict[str, s
 
 
 def _linear_names(block: nn.Module) -> list[str]:
-    return [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    return list(_linear_layers(block))
 
 
 def fully_trained_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -156,6 +199,21 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: 
 
 def is_lora(model: nn.Module) -> bool:
     return type(model).__module__.startswith("peft.")
+
+
+def adapted_modules(model: nn.Module) -> list[str]:
+    """Names (in the plain classifier) of the layers a peft model adapts."""
+    return sorted(name for name, m in base_of(model).named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+
+
+def frozen_prefix(model: nn.Module) -> list[nn.Module]:
+    """What runs before the lowest adapter: the embeddings and the blocks below it (nothing there needs a gradient)."""
+    plain = base_of(model)
+    block_path, blocks = find_blocks(plain)
+    lead = f"{plain.base_model_prefix}.{block_path}."
+    adapted = [int(n[len(lead):].split(".")[0]) for n in adapted_modules(plain) if n.startswith(lead)]
+    embeddings = [m for name, m in plain.base_model.named_children() if "embed" in name.lower()]
+    return embeddings + list(blocks[: min(adapted, default=0)])
 
 
 def trained_head_state(peft_model, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -210,8 +268,12 @@ def load_adapter(folder: str | Path, base_model: str | None = None):
     return peft.PeftModel.from_pretrained(base, folder).eval()
 
 
-def flop_model(model: nn.Module, targets: dict[str, str], r: int) -> FlopModel | None:
-    """Training FLOPs per batch of the LoRA model (see FlopModel.for_lora); `model` is the plain classifier."""
+def flop_model(model: nn.Module, r: int, targets: str | None = None):
+    """Training FLOPs per batch of the LoRA model (FlopModel.for_lora); `model` plain or wrapped, None if not BERT-like."""
+    from .throughput import FlopModel, _linear_weights  # throughput imports policy, which imports this module
+
+    model = base_of(model)
+    resolved = resolve_targets(model, targets)
     cfg = model.config
     hidden = _hidden_size(model)
     ffn = getattr(cfg, "intermediate_size", None) or getattr(cfg, "hidden_dim", None)
@@ -220,14 +282,10 @@ def flop_model(model: nn.Module, targets: dict[str, str], r: int) -> FlopModel |
     block_path, blocks = find_blocks(model)
     lead = f"{model.base_model_prefix}.{block_path}."
     adapters: list[dict[str, int]] = [{} for _ in blocks]
-    for name, role in targets.items():
+    for name, role in resolved.items():
         block = adapters[int(name[len(lead):].split(".")[0])]
         block[role] = block.get(role, 0) + r
     pooler = getattr(model.base_model, "pooler", None)
     head = sum(_linear_weights(m) for m in head_modules(model).values())
     return FlopModel.for_lora(hidden, ffn, adapters, _linear_weights(pooler), head)
 
-
-def describe(targets: dict[str, str], r: int, alpha: float) -> str:
-    roles = sorted({role for role in targets.values()})
-    return f"lora r={r} alpha={alpha:g} on {len(targets)} projections ({', '.join(roles)})"

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import ToolkitError
+from .policy import Policy
 
 
 def _hub_error(name: str, exc: Exception) -> ToolkitError:
@@ -49,20 +50,11 @@ def _check_local(name: str) -> None:
         raise ToolkitError(f"model folder not found: {name}", "check the path given to --model")
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over trainable parameters only; no decay for biases and normalisation weights.
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, policy: "Policy | None" = None) -> torch.optim.AdamW:
+    """AdamW over the parameters that require grad, grouped by `policy.param_groups`.
 
-    Frozen parameters are left out entirely so no optimizer state is allocated for them.
+    Frozen parameters are left out entirely so no optimizer state is allocated for them;
+    biases and normalisation weights get no weight decay; LLRD sets each group's lr.
     """
-    decay, no_decay = [], []
-    norm_types = (nn.LayerNorm,) + tuple(t for t in (getattr(nn, "RMSNorm", None),) if t)
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            skip = name.endswith("bias") or isinstance(module, norm_types) or "norm" in type(module).__name__.lower()
-            (no_decay if skip else decay).append(p)
-    if not decay and not no_decay:
-        raise ToolkitError("the freeze policy left no trainable parameters", "use --freeze head, lastN or none")
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    groups = (policy or Policy("none")).param_groups(model, lr, weight_decay)
+    return torch.optim.AdamW(groups, lr=lr)

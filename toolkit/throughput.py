@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .freeze import find_blocks, parse_policy
+from .policy import Policy
 
 # Dense peak throughput in TFLOPS per GPU (vendor data sheets; no structured sparsity).
 # "fp32" is plain fp32 on CUDA cores, "tf32" the tensor-core fp32 path, "half" fp16/bf16
@@ -115,15 +115,24 @@ class FlopModel:
                    per_seq=pooler_mult * 2 * pooler_weights + head_mult * 2 * head_weights)
 
     @classmethod
-    def from_model(cls, model: nn.Module, policy: str, cached_prefix: bool = False) -> "FlopModel | None":
-        """For BERT-like encoders (hidden_size / intermediate_size / num_hidden_layers); None otherwise."""
+    def from_model(cls, model: nn.Module, policy: "Policy | str", cached_prefix: bool = False) -> "FlopModel | None":
+        """For BERT-like encoders (hidden_size / intermediate_size / num_hidden_layers); None otherwise.
+
+        `policy` is a static policy: for a gradual run, the stage in force (train.py swaps the
+        count at every thaw, see CurrentFlops).
+        """
         cfg = getattr(model, "config", None)
         hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", None)
         ffn = getattr(cfg, "intermediate_size", None) or getattr(cfg, "hidden_dim", None)
         layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layers", None)
         if not (hidden and ffn and layers):
             return None
-        kind, n = parse_policy(policy)
+        policy = Policy.of(policy)
+        if policy.kind == "lora":  # its adapted blocks run a backward through frozen weights, plus its own matmuls
+            from .lora import flop_model
+
+            return flop_model(model, policy.lora.r, policy.lora.targets)
+        kind, n = policy.kind, policy.blocks
         trainable_layers = {"none": layers, "head": 0}.get(kind, min(n, layers))
         base = getattr(model, "base_model", model)
         pooler = getattr(base, "pooler", None)
@@ -190,27 +199,24 @@ def batch_stats(attention_mask: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- the frozen part
 
 
-def frozen_prefix(model: nn.Module, policy: str) -> list[nn.Module]:
-    """The backbone modules a freeze policy leaves frozen, in execution order (empty for 'none').
+class CurrentFlops:
+    """The FLOP count of the trainable set in force: gradual unfreezing swaps `model` at every thaw."""
 
-    lastN: the embeddings and the first L-N blocks. head: the whole backbone. Modules after
-    the blocks that a policy trains (BERT's pooler for lastN) are not part of it.
-    """
-    kind, n = parse_policy(policy)
-    if kind == "none":
-        return []
-    base = model.base_model
-    if kind == "head":
-        return [base]
-    _, blocks = find_blocks(model)
-    prefix = [m for name, m in base.named_children() if "embed" in name.lower()]
-    return prefix + list(blocks[: len(blocks) - n])
+    def __init__(self, model: FlopModel | None):
+        self.model = model
+
+    def __bool__(self) -> bool:
+        return self.model is not None
+
+    def flops(self, tokens: int, len_sq: int, seqs: int) -> float:
+        return self.model.flops(tokens, len_sq, seqs) if self.model else 0.0
 
 
-def disable_frozen_dropout(model: nn.Module, policy: str) -> int:
+def disable_frozen_dropout(model: nn.Module, policy: "Policy | str") -> int:
     """Set p=0 on every dropout inside the frozen part; returns how many were changed.
 
-    Frozen parameters never change, but dropout still runs in the frozen layers in training
+    The frozen part is what the run never trains (Policy.frozen_prefix): blocks a gradual
+    schedule thaws later keep their dropout. Frozen parameters never change, but dropout still runs in the frozen layers in training
     mode: that is random-mask generation on every activation and, on CPU, it keeps PyTorch's
     scaled-dot-product attention on its slow "math" kernel (the fused kernel has no dropout).
     With p=0 the frozen part computes exactly what it computes in eval mode. train.py does this
@@ -218,7 +224,7 @@ def disable_frozen_dropout(model: nn.Module, policy: str) -> int:
     The module objects are untouched, so DDP / DeepSpeed wrapping and saving are unaffected.
     """
     changed = 0
-    for part in frozen_prefix(model, policy):
+    for part in Policy.of(policy).frozen_prefix(model):
         for module in part.modules():
             if isinstance(module, nn.Dropout) and module.p > 0:
                 module.p = 0.0

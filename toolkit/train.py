@@ -24,14 +24,15 @@ from .cluster import detect, export_torch_distributed_env
 from .config import TrainConfig, save_json
 from .data import Collator, build_splits, get_preset, make_loader, resolve_max_length, tokenize
 from .errors import ToolkitError
-from .freeze import apply_freeze, parse_policy, summarize
+from .freeze import summarize
 from .frozen_cache import FrozenCache
 from .loop import EvalResult, TrainState, fit, validate
 from .model import build_optimizer, load_model, load_tokenizer
+from .policy import Policy
 from .precision import choose_mixed_precision, device_capability
 from .preemption import PREEMPTED_EXIT_CODE, StopRequest
 from .run_log import RunLog
-from .throughput import FlopModel, device_peak_flops, disable_frozen_dropout
+from .throughput import CurrentFlops, FlopModel, device_peak_flops, disable_frozen_dropout
 
 
 def setup(cpu: bool, mixed_precision: str | None, grad_accum: int = 1) -> Accelerator:
@@ -113,17 +114,12 @@ def write_predictions(path: Path, result: EvalResult) -> None:
 
 
 def main(cfg: TrainConfig) -> int:
-    if cfg.freeze == "lora":
-        lora.check_options(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-        if cfg.cache_frozen:
-            raise ToolkitError("--cache-frozen needs a frozen prefix, but LoRA adapts the blocks from the first one up",
-                               "drop --cache-frozen for --freeze lora")
-    else:
-        parse_policy(cfg.freeze)  # fail on a typo before loading anything
+    policy = Policy.from_config(cfg)  # the one parse of --freeze & co; a typo fails before anything loads
     if cfg.cache_frozen and cfg.frozen_dropout:
         raise ToolkitError("--cache-frozen computes the frozen part once, without dropout, so --frozen-dropout cannot apply",
                            "drop one of the two flags")
     accelerator = setup(cfg.cpu, cfg.mixed_precision, cfg.grad_accum)
+    policy.check_backend(accelerator.distributed_type)
     run_log = RunLog(accelerator.is_main_process)
     env = detect()
     run_log.print(f"[bold]world[/bold] {accelerator.num_processes} process(es) on {accelerator.device}, "
@@ -134,27 +130,32 @@ def main(cfg: TrainConfig) -> int:
     preset = get_preset(cfg.data.task)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, cfg.data.num_labels, preset.label_names if not cfg.data.train_file else None)
-    lora_targets = lora_flops = None
-    if cfg.freeze == "lora":  # peft wraps before accelerator.prepare, like any freeze policy
-        lora_targets = lora.resolve_targets(model, cfg.lora_targets)
-        lora_flops = lora.flop_model(model, lora_targets, cfg.lora_r)
-        model = lora.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-        summary = summarize(model.get_base_model(), lora.describe(lora_targets, cfg.lora_r, cfg.lora_alpha))
-    else:
-        summary = apply_freeze(model, cfg.freeze)
+    # Everything the run will ever train requires grad from here to the wrap (gradual runs mask it right after).
+    model = policy.apply(model)
+    summary = summarize(model, policy.spec)
+    schedule = policy.schedule(model)  # also checks a gradual target against the model's depth
     train_ds, eval_ds, max_length = prepare_data(accelerator, cfg.data, tokenizer,
                                                  getattr(model.config, "max_position_embeddings", None), run_log)
     run_log.print(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples, max length {max_length}")
     run_log.freeze_table(summary)
+    if policy.gradual:
+        run_log.print("gradual unfreezing: " + ", ".join(f"{stage.spec} from step {step}" for step, stage in schedule))
     if cfg.cache_frozen:
-        FrozenCache.preflight(accelerator, model, cfg.freeze, train_ds, eval_ds)
+        FrozenCache.preflight(accelerator, model, policy, train_ds, eval_ds)
     # A frozen feature extractor runs as at inference (Keras' transfer-learning convention): its dropout
     # only adds noise below the trained layers, and on CPU it keeps attention off the fused kernel.
-    if not cfg.frozen_dropout and cfg.freeze != "lora" and (changed := disable_frozen_dropout(model, cfg.freeze)):
+    if not cfg.frozen_dropout and (changed := disable_frozen_dropout(model, policy)):
         run_log.print(f"frozen part without dropout ({changed} dropout modules; --frozen-dropout keeps it)")
 
     out = shared_output_dir(accelerator, cfg)
     resume = ckpt.resolve_resume(cfg.resume_from, out)
+    recorded = ckpt.read_progress(resume).get("policy") if resume is not None else None
+    if recorded is not None and recorded["spec"] != policy.spec:
+        raise ToolkitError(f"checkpoint {resume} was trained with policy '{recorded['spec']}', this run asks for "
+                           f"'{policy.spec}'", "resume with the same --freeze / --layer-lr-decay / --unfreeze-* options")
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, policy)
+    param_groups = [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
+                     "params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups]
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").unlink(missing_ok=True)  # only a finished run has one
@@ -162,24 +163,25 @@ def main(cfg: TrainConfig) -> int:
             "max_length": max_length, "world_size": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision, "train_examples": len(train_ds),
             "eval_examples": len(eval_ds), "distributed_type": str(accelerator.distributed_type),
-            **({"lora_targets": sorted(lora_targets)} if lora_targets else {})}})
+            "policy": policy.spec, "param_groups": param_groups,
+            "unfreeze_schedule": [[step, stage.spec] for step, stage in schedule] if policy.gradual else None,
+            **({"lora_targets": lora.adapted_modules(model)} if policy.kind == "lora" else {})}})
     run_log.log_path = out / "metrics.jsonl"
 
     # ---- model, optimizer, data, schedule, all wrapped by Accelerate
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     pad_to = 8 if accelerator.device.type == "cuda" else None  # tensor cores like multiples of 8
     collator = Collator(tokenizer, pad_to)
     eval_batch_size = cfg.eval_batch_size or 2 * cfg.batch_size
     cache = None
     if cfg.cache_frozen:  # the frozen part runs once here; the loaders then carry its outputs
-        cache = FrozenCache.build(accelerator, model, cfg.freeze, train_ds, eval_ds, collator, eval_batch_size, run_log.print)
+        cache = FrozenCache.build(accelerator, model, policy, train_ds, eval_ds, collator, eval_batch_size, run_log.print)
         train_loader = cache.loader("train", cfg.batch_size, cfg.seed, cfg.group_by_length, cfg.num_workers)
         eval_loader = cache.loader("eval", eval_batch_size, cfg.seed, num_workers=cfg.num_workers)
     else:
         train_loader = make_loader(train_ds, collator, cfg.batch_size, cfg.seed, train=True, num_workers=cfg.num_workers,
                                    group_by_length=cfg.group_by_length)
         eval_loader = make_loader(eval_ds, collator, eval_batch_size, cfg.seed, train=False, num_workers=cfg.num_workers)
-    flop_model = lora_flops if cfg.freeze == "lora" else FlopModel.from_model(model, cfg.freeze, cached_prefix=cache is not None)
+    flop_model = CurrentFlops(FlopModel.from_model(model, policy.stage(model, 0), cached_prefix=cache is not None))
     peak_flops = device_peak_flops(accelerator.device, accelerator.mixed_precision)
     if cfg.compile:
         model.compile(dynamic=True)  # in place: parameter names, checkpoints and saving are unchanged
@@ -190,7 +192,11 @@ def main(cfg: TrainConfig) -> int:
         total_steps = min(total_steps, cfg.max_steps)
     # Counted in optimizer steps: we step the scheduler once per optimizer step ourselves.
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    if accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU) and cache is None:
+    ddp = accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+    if ddp and policy.gradual:
+        # Not-yet-thawed parameters are in the wrap but get no gradient until their thaw (Policy.set_stage).
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+    elif ddp and cache is None:
         example = collator([{k: train_ds[0][k] for k in train_ds.column_names}])
         example.pop("idx")
         unused = unused_trainable_parameters(model, example)
@@ -206,6 +212,7 @@ def main(cfg: TrainConfig) -> int:
         for key, value in (("train_micro_batch_size_per_gpu", cfg.batch_size), ("gradient_clipping", cfg.max_grad_norm)):
             if ds_config.get(key, "auto") == "auto":
                 ds_config[key] = value
+    raw_model = model
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
 
@@ -219,6 +226,17 @@ def main(cfg: TrainConfig) -> int:
         state = TrainState(**progress["state"])
         run_log.print(f"[green]resumed from {resume}: epoch {state.epoch}, step {state.global_step}, "
                        f"{state.batches_done} batches into the epoch[/green]")
+    if policy.gradual:
+        policy.set_stage(raw_model, state.global_step)  # where the schedule stands (also after a resume)
+        flop_model.model = FlopModel.from_model(raw_model, policy.stage(raw_model, state.global_step))
+
+    def thaw(steps_done: int) -> None:  # after every optimizer step: the next step trains the new stage
+        stage = policy.set_stage(raw_model, steps_done)
+        if stage is not None:
+            flop_model.model = FlopModel.from_model(raw_model, stage)
+            run_log.print(f"step {steps_done}: unfrozen to {stage.spec}")
+            run_log.record({"step": steps_done, "unfrozen_to": stage.spec})
+
     if cache is not None:
         state.train_runtime_s += cache.train_seconds  # it replaced the frozen part's forward passes
 
@@ -239,8 +257,10 @@ def main(cfg: TrainConfig) -> int:
                  max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, log_every=cfg.log_every,
                  checkpoint_every=cfg.checkpoint_every, run_log=run_log, stop=stop, evaluate=evaluate,
                  checkpoint=lambda s: ckpt.save_checkpoint(
-                     accelerator, out, {"state": s.to_dict(), "config": cfg.to_dict()}, cfg.keep_checkpoints),
-                 flop_model=flop_model, peak_flops=peak_flops)
+                     accelerator, out, {"state": s.to_dict(), "config": cfg.to_dict(),
+                                        "policy": {"spec": policy.spec, "stage": policy.stage(raw_model, s.global_step).spec}},
+                     cfg.keep_checkpoints),
+                 flop_model=flop_model, peak_flops=peak_flops, on_step=thaw if policy.gradual else None)
     if status == "preempted":
         run_log.print(f"[yellow]checkpoint saved; exiting with {PREEMPTED_EXIT_CODE} so the job can be requeued[/yellow]")
         return PREEMPTED_EXIT_CODE
@@ -249,7 +269,7 @@ def main(cfg: TrainConfig) -> int:
     result = evaluate(state.epoch)
     if cache is not None:
         cache.restore()  # the saved model runs its frozen part again
-    ckpt.save_model(accelerator, model, tokenizer, out / "model")
+    ckpt.save_model(accelerator, policy.export(model), tokenizer, out / "model")
     if accelerator.is_main_process:
         write_predictions(out / "predictions.csv", result)
         metrics = {
@@ -269,7 +289,7 @@ def main(cfg: TrainConfig) -> int:
             "trainable_params": summary.trainable,
             "total_params": summary.total,
             "world_size": accelerator.num_processes,
-            "freeze": cfg.freeze,
+            "freeze": policy.spec,
         }
         save_json(out / "metrics.json", metrics)
         run_log.metrics_table(f"final metrics ({out})", metrics)
