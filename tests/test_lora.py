@@ -262,22 +262,24 @@ def test_lora_minilm_one_process(tmp_path, minilm, data_dir, eval_texts):
     assert [names[x] for x in labels] == [r[2] for r in read_predictions(out / "predictions.csv")]
 
 
-@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+@pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3"])
 def test_lora_two_processes(tmp_path, tiny_dir, data_dir, eval_texts, backend):
-    """2-process DDP (gloo) and DeepSpeed ZeRO-2 on CPU: the same exports; ZeRO-2 also resumes a checkpoint."""
+    """2-process DDP (gloo) and DeepSpeed ZeRO-2 / ZeRO-3 on CPU: the same exports (ZeRO-3: merged from the
+    gathered shards); ZeRO-2 also resumes a checkpoint."""
     import shutil
 
     from conftest import ROOT, accelerate_launch, read_json, read_predictions
 
     args = ["launch/train.py", "--model", tiny_dir, "--data-dir", data_dir, *RUN_ARGS, "--mixed-precision", "no"]
-    config = str(ROOT / "accelerate_configs" / "cpu_deepspeed_zero2.yaml") if backend == "zero2" else None
-    if backend == "zero2":
+    config = str(ROOT / "accelerate_configs" / f"cpu_deepspeed_{backend}.yaml") if backend != "ddp" else None
+    if backend != "ddp":
         pytest.importorskip("deepspeed")
     out = tmp_path / "run"
-    accelerate_launch(*args, "--output-dir", str(out), "--checkpoint-every", "1", config=config)
+    accelerate_launch(*args, "--output-dir", str(out), *(["--checkpoint-every", "1"] if backend == "zero2" else []),
+                      config=config)
     resolved = read_json(out / "config.json")["resolved"]
     assert resolved["world_size"] == 2
-    assert resolved["distributed_type"] == ("DistributedType.DEEPSPEED" if backend == "zero2" else "DistributedType.MULTI_CPU")
+    assert resolved["distributed_type"] == ("DistributedType.MULTI_CPU" if backend == "ddp" else "DistributedType.DEEPSPEED")
     assert read_json(out / "metrics.json")["global_step"] == 2  # 32 rows / (8 x 2 ranks)
     check_lora_run(out, tiny_dir, eval_texts)
     if backend != "zero2":
@@ -293,3 +295,53 @@ def test_lora_two_processes(tmp_path, tiny_dir, data_dir, eval_texts, backend):
     from safetensors.torch import load_file
     first, second = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, resumed))
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+# ---------------------------------------------------------------- bad input, the policy value, compare
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lora-r", "0"], "rank must be at least 1"),
+    (["--lora-r", "-4"], "rank must be at least 1"),
+    (["--lora-dropout", "1"], "outside [0, 1)"),
+    (["--lora-alpha", "0"], "must be positive"),
+    (["--lora-targets", "query,qkv_proj"], "--lora-targets qkv_proj matches no module"),
+    (["--lora-targets", "attention"], "not a Linear layer"),
+    (["--cache-frozen"], "LoRA adapts the blocks"),
+    (["--layer-lr-decay", "0.9"], "neither gradual unfreezing nor layer-wise lr decay"),
+])
+def test_bad_lora_flags_exit_2_and_write_nothing(extra, message, tiny_dir, data_dir, tmp_path, capsys):
+    from toolkit.cli import run
+    from toolkit.config import TrainConfig
+    from toolkit.train import main
+
+    argv = ["--model", tiny_dir, "--data-dir", data_dir, "--train-samples", "16", "--eval-samples", "8",
+            "--max-length", "32", "--cpu", "--freeze", "lora", "--output-dir", str(tmp_path / "out"), *extra]
+    code = run(main, TrainConfig, "train", argv)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "fix:" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_policy_value_and_compare_spelling():
+    from toolkit.compare import parse_policies
+    from toolkit.config import TrainConfig
+    from toolkit.policy import Policy
+
+    policy = Policy.from_config(TrainConfig(freeze="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets="key"))
+    assert policy.kind == "lora" and policy.spec == "lora" and policy.lora == lora.LoraSpec(4, 8, 0.0, "key")
+    assert [p.spec for p in parse_policies("none,lora,last2")] == ["none", "lora", "last2"]
+    assert Policy.parse("lora").lora == lora.LoraSpec()  # compare: the run's --lora-* flags fill it (config_fields)
+    with pytest.raises(ToolkitError, match="neither gradual"):
+        Policy.parse("head>lora@5")
+    model = tiny_bert(3)
+    wrapped = policy.apply(model)
+    assert lora.is_lora(wrapped) and policy.apply(wrapped) is wrapped  # wraps once
+    assert lora.adapted_modules(wrapped) == [f"bert.encoder.layer.{i}.attention.self.key" for i in range(3)]
+    assert policy.frozen_prefix(wrapped) == [wrapped.get_base_model().bert.embeddings]
+    only_top = Policy.from_config(TrainConfig(freeze="lora", lora_targets="layer.2.attention.self.value"))
+    top = only_top.apply(tiny_bert(3))
+    assert only_top.frozen_prefix(top)[1:] == list(top.get_base_model().bert.encoder.layer[:2])
+    groups = policy.param_groups(wrapped, 1e-3, 0.01)
+    in_opt = {id(p) for g in groups for p in g["params"]}
+    assert in_opt == {id(p) for p in wrapped.parameters() if p.requires_grad}
