@@ -33,12 +33,11 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from .errors import ToolkitError
 from . import lora as lora_lib
+from .errors import ToolkitError
 from .freeze import POST_BLOCK_MODULES, find_blocks, head_modules
 from .lora import LoraSpec
 
-STATIC_KINDS = ("none", "last", "head", "lora")
 
 
 @dataclass(frozen=True)
@@ -315,7 +314,7 @@ class Policy:
         final = self.final
         if final.kind == "none":
             return []
-        if final.kind == "lora":
+        if final.kind == "lora":  # the adapted blocks run dropout (and a backward): the embeddings and blocks below
             return lora_lib.frozen_prefix(model)
         base = model.base_model
         if final.kind == "head":
