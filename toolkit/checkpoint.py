@@ -163,18 +163,34 @@ def save_model(accelerator: Accelerator, model, tokenizer, target: Path) -> None
     """A plain `save_pretrained` folder, consolidated from ZeRO-3/FSDP shards if needed.
 
     `get_state_dict` must run on every rank (it gathers shards); only the main
-    process receives the full dict and writes.
+    process receives the full dict and writes. A LoRA model (peft) is saved merged, and
+    its unmerged adapter goes next to it, to `adapter/` (see toolkit/lora.py).
     """
+    from . import lora
+
     state_dict = accelerator.get_state_dict(model)
-    tmp = target.with_name(f".tmp-{target.name}")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        _clear_call_state(tokenizer)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        unwrapped = accelerator.unwrap_model(model)
+        if lora.is_lora(unwrapped):
+            # LoRA: model/ is the adapter merged into a plain copy; adapter/ keeps it unmerged (+ head and pooler)
+            _write_folder(target.with_name("adapter"), lambda tmp: lora.save_adapter(unwrapped, tmp, state_dict))
+            unwrapped, state_dict = lora.merged_model(unwrapped, state_dict), None
+
+        def write(tmp: Path) -> None:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            _clear_call_state(tokenizer)
+            tokenizer.save_pretrained(tmp)
+
+        _write_folder(target, write)
     accelerator.wait_for_everyone()
+
+
+def _write_folder(target: Path, write) -> None:
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
 
 
 def _clear_call_state(tokenizer) -> None:

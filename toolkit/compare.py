@@ -45,9 +45,10 @@ NOT_COMPARED = {"output_dir", "resume_from", "stop_file", "log_every", "checkpoi
 @dataclass
 class CompareConfig(TrainConfig):
     policies: str = _opt("none,last2,head", "comma-separated policies to train one after another: none, head, lastN, "
-                                            "lora, +llrdF for layer-wise lr decay (last2+llrd0.9), START>TARGET@N for "
-                                            "gradual unfreezing every N steps (head>none@50); 'none' (else the first one "
-                                            "listed) is the baseline for the paired F1 change and speed-up")
+                                            "lora (with the --lora-* settings), +llrdF for layer-wise lr decay "
+                                            "(last2+llrd0.9), START>TARGET@N for gradual unfreezing every N steps "
+                                            "(head>none@50); 'none' (else the first one listed) is the baseline for the "
+                                            "paired F1 change and speed-up")
     seeds: Optional[str] = _opt(None, "comma-separated training seeds, every policy trained once per seed "
                                       "(e.g. 42,43,44; default: --seed alone); the data rows stay those of --data-seed")
     repeats: Optional[int] = _opt(None, "train every policy with K seeds: --seed, --seed+1, ..., --seed+K-1")

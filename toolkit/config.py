@@ -51,12 +51,19 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     model: str = _opt(DEFAULT_MODEL, "Hub name or local folder of a pretrained encoder")
-    freeze: str = _opt("none", "none | lastN (e.g. last2: last N blocks + pooler + classifier) | head (classifier only)")
+    freeze: str = _opt("none", "none | lastN (e.g. last2: last N blocks + pooler + classifier) | head (classifier only) "
+                               "| lora (LoRA adapters + pooler + classifier, see --lora-*)")
     layer_lr_decay: float = _opt(1.0, "layer-wise lr decay F in (0, 1]: head and pooler get --lr, block i of L lr*F^(L-i), "
                                       "embeddings lr*F^(L+1); 1 = off (with --freeze none or lastN)")
     unfreeze_every: int = _opt(0, "gradual unfreezing: every N optimizer steps thaw the next block from the top (the "
                                   "pooler with the first), starting from --freeze; 0 = off")
     unfreeze_to: Optional[str] = _opt(None, "where gradual unfreezing stops: lastN or none (default none; needs --unfreeze-every)")
+    lora_r: int = _opt(8, "--freeze lora: rank of the LoRA update matrices (>= 1)")
+    lora_alpha: float = _opt(16.0, "--freeze lora: LoRA scale alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = _opt(0.1, "--freeze lora: dropout on the LoRA branch's input, in [0, 1)")
+    lora_targets: Optional[str] = _opt(None, "--freeze lora: comma-separated module-name suffixes to adapt, e.g. "
+                                             "attention.self.query,attention.output.dense (default: every block's "
+                                             "attention query and value projections, found by structure)")
     lr: float = _opt(2e-5, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.01, "AdamW weight decay (never applied to biases and LayerNorm)")
     batch_size: int = _opt(16, "training batch size per device")

@@ -83,6 +83,8 @@ def _group(name: str, block_path: str | None) -> str:
 
 
 def summarize(model: nn.Module, policy: str) -> FreezeSummary:
+    if type(model).__module__.startswith("peft."):  # LoRA: group by the classifier's own names (block i, pooler, ...)
+        model = model.get_base_model()
     try:
         block_path = find_blocks(model)[0]
     except ToolkitError:

@@ -140,7 +140,10 @@ class FrozenCache:
         """(boundary module whose output is cached, number of frozen blocks); raises ToolkitError if unsupported."""
         policy = Policy.of(policy)
         kind, n = policy.kind, policy.blocks
-        if policy.gradual:  # LORA: refused here too (its adapted blocks are not a frozen prefix)
+        if policy.kind == "lora":
+            raise ToolkitError("--cache-frozen needs a frozen prefix, but LoRA adapts the blocks from the first one up",
+                               "drop --cache-frozen for --freeze lora (or cache with --freeze head / lastN)")
+        if policy.gradual:
             raise ToolkitError(f"--cache-frozen needs a static frozen prefix, but '{policy.spec}' thaws blocks during "
                                "the run", "use --cache-frozen with --freeze head or lastN without --unfreeze-every, "
                                "or drop --cache-frozen")

@@ -13,6 +13,8 @@ A `Policy` answers every question the rest of the toolkit asks about freezing:
 Spelling (one grammar for `compare --policies`; `train` takes the same pieces as flags):
 
   none | head | lastN                    static (`--freeze`)
+  lora                                   LoRA adapters + head + pooler (`--freeze lora`, settings from
+                                         the --lora-* flags, see toolkit/lora.py); static, no LLRD
   START>TARGET@N                         gradual: START, then every N optimizer steps the next
                                          block from the top thaws (the pooler with the first)
                                          until TARGET (`--unfreeze-every N --unfreeze-to TARGET`)
@@ -31,21 +33,21 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
+from . import lora as lora_lib
 from .errors import ToolkitError
 from .freeze import POST_BLOCK_MODULES, find_blocks, head_modules
+from .lora import LoraSpec
 
-# LoRA plugs in as kind "lora" (toolkit/lora.py): parse it in _parse_static, carry its settings (r, alpha,
-# dropout, targets) as one more field, and fill the branches marked LORA here, in throughput.FlopModel.from_model
-# and in frozen_cache.FrozenCache.check. param_groups already works for it (it groups what requires grad).
 
 
 @dataclass(frozen=True)
 class Policy:
-    kind: str  # "none" | "last" | "head"
+    kind: str  # "none" | "last" | "head" | "lora"
     blocks: int = 0  # N of lastN
     layer_lr_decay: float = 1.0  # F of LLRD; 1 = every group gets --lr
     unfreeze_every: int = 0  # optimizer steps between thaws; 0 = static
     unfreeze_to: "Policy | None" = None  # the static policy a gradual schedule ends at
+    lora: LoraSpec | None = None  # kind "lora": rank, alpha, dropout, targets
 
     # ------------------------------------------------------------------ spelling
 
@@ -75,7 +77,7 @@ class Policy:
     def from_config(cls, cfg) -> "Policy":
         """From train's flags: --freeze, --layer-lr-decay, --unfreeze-every, --unfreeze-to."""
         if any(c in cfg.freeze for c in "+>@"):
-            raise ToolkitError(f"--freeze takes none, head or lastN, not '{cfg.freeze}'",
+            raise ToolkitError(f"--freeze takes none, head, lora or lastN, not '{cfg.freeze}'",
                                "use the flags: --layer-lr-decay F, --unfreeze-every N --unfreeze-to POLICY "
                                "(the combined spelling is for compare --policies)")
         if cfg.unfreeze_to is not None and not cfg.unfreeze_every:
@@ -83,13 +85,18 @@ class Policy:
                                "add --unfreeze-every N (thaw one block every N optimizer steps), or drop --unfreeze-to")
         if cfg.unfreeze_every < 0:
             raise ToolkitError(f"--unfreeze-every {cfg.unfreeze_every} is negative", "use N >= 1, or 0 for no unfreezing")
-        return cls.build(cfg.freeze, cfg.layer_lr_decay, cfg.unfreeze_every,
-                         (cfg.unfreeze_to or "none") if cfg.unfreeze_every else None)
+        policy = cls.build(cfg.freeze, cfg.layer_lr_decay, cfg.unfreeze_every,
+                           (cfg.unfreeze_to or "none") if cfg.unfreeze_every else None)
+        return replace(policy, lora=LoraSpec.from_config(cfg)) if policy.kind == "lora" else policy
 
     @classmethod
     def build(cls, start: str, layer_lr_decay: float = 1.0, unfreeze_every: int = 0, unfreeze_to: str | None = None) -> "Policy":
         """Every check that needs no model; the two parsers above end here."""
         policy = _parse_static(start)
+        if "lora" in (policy.kind, unfreeze_to) and (unfreeze_every or layer_lr_decay != 1):
+            raise ToolkitError("LoRA combines with neither gradual unfreezing nor layer-wise lr decay: it trains "
+                               "adapters in every block from the first step", "use --freeze lora alone (its settings are "
+                               "the --lora-* flags), or another policy with --unfreeze-every / --layer-lr-decay")
         if not 0 < layer_lr_decay <= 1:
             raise ToolkitError(f"--layer-lr-decay {layer_lr_decay:g} is outside (0, 1]",
                                "use a factor in (0, 1], e.g. 0.9 (1 turns layer-wise decay off)")
@@ -177,6 +184,8 @@ class Policy:
         policy = self.final if steps_done is None else self.stage(model, steps_done)
         if policy.kind == "none":
             return {"": model}
+        if policy.kind == "lora":  # the adapters themselves exist once apply() has wrapped the model
+            return lora_lib.fully_trained_modules(lora_lib.base_of(model))
         chosen = dict(head_modules(model))
         if policy.kind == "last":
             prefix = model.base_model_prefix
@@ -200,7 +209,11 @@ class Policy:
         train.py applies the eventual set before wrapping (DDP registers only parameters that
         require grad, at wrap time) and the current stage right after (see set_stage).
         """
-        # LORA: kind "lora" wraps here, once: `return apply_lora(model, self)` (peft model, head + pooler trained).
+        if self.kind == "lora":  # wraps once, in peft: returns the PeftModel (LoRA A/B + head + pooler trained)
+            if lora_lib.is_lora(model):
+                return model
+            spec = self.lora or LoraSpec()
+            return lora_lib.apply_lora(model, spec.r, spec.alpha, spec.dropout, spec.targets)
         chosen = self.trainable_modules(model, steps_done)
         model.requires_grad_(False)
         for module in chosen.values():
@@ -299,8 +312,10 @@ class Policy:
         the final policy's (what thaws later is not part of it).
         """
         final = self.final
-        if final.kind == "none":  # LORA: the adapted blocks run dropout (and a backward): at most the embeddings
+        if final.kind == "none":
             return []
+        if final.kind == "lora":  # the adapted blocks run dropout (and a backward): the embeddings and blocks below
+            return lora_lib.frozen_prefix(model)
         base = model.base_model
         if final.kind == "head":
             return [base]
@@ -309,17 +324,23 @@ class Policy:
         return prefix + list(blocks[: len(blocks) - final.blocks])
 
     def export(self, model: nn.Module) -> nn.Module:
-        """The model to save as model/: the trained model itself (LORA: `merged_for_export(model)`)."""
+        """The model to save as model/: the trained model itself.
+
+        LoRA too: checkpoint.save_model merges a peft model on the side, from the state dict it gathers
+        on every rank (ZeRO-3 shards included), and writes the unmerged adapter to adapter/.
+        """
         return model
 
 
 def _parse_static(text: str) -> Policy:
     if text in ("none", "head"):
         return Policy(text)
+    if text == "lora":
+        return Policy("lora", lora=LoraSpec())
     match = re.fullmatch(r"last(\d+)", text)
     if match and int(match.group(1)) >= 1:
         return Policy("last", int(match.group(1)))
-    raise ToolkitError(f"unknown freeze policy '{text}'", "use none, head, or lastN with N >= 1 (e.g. last2)")
+    raise ToolkitError(f"unknown freeze policy '{text}'", "use none, head, lora, or lastN with N >= 1 (e.g. last2)")
 
 
 def _below(a: Policy, b: Policy) -> bool:

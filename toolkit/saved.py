@@ -125,11 +125,17 @@ def _from_checkpoint(folder: Path) -> Saved:
                            "make that model available at the same path, or score the run's model/ folder") from err
     finally:
         hf_logging.set_verbosity(verbosity)
+    if cfg.get("freeze") == "lora":  # the checkpoint holds the PeftModel's weights: rebuild it, then merge
+        from .lora import apply_lora
+
+        model = apply_lora(model, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg.get("lora_targets"))
     missing, unexpected = model.load_state_dict(_checkpoint_weights(folder), strict=False)
     if missing or unexpected:
         raise ToolkitError(f"checkpoint {folder} does not fit base model '{base}' "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
                            "the base model changed since training: use the same one, or the run's model/ folder")
+    if cfg.get("freeze") == "lora":
+        model = model.merge_and_unload()
     # progress.json holds the raw settings; the run's config.json adds what was resolved (e.g. max length).
     run_config = _run_config(folder.parent.parent) or cfg
     return Saved(model.eval(), tokenizer, "checkpoint", folder, run_config)

@@ -128,7 +128,11 @@ class FlopModel:
         if not (hidden and ffn and layers):
             return None
         policy = Policy.of(policy)
-        kind, n = policy.kind, policy.blocks  # LORA: its adapted blocks run a full backward, plus its own matmuls
+        if policy.kind == "lora":  # its adapted blocks run a backward through frozen weights, plus its own matmuls
+            from .lora import flop_model
+
+            return flop_model(model, policy.lora.r, policy.lora.targets)
+        kind, n = policy.kind, policy.blocks
         trainable_layers = {"none": layers, "head": 0}.get(kind, min(n, layers))
         base = getattr(model, "base_model", model)
         pooler = getattr(base, "pooler", None)
@@ -136,6 +140,53 @@ class FlopModel:
         return cls.for_encoder(hidden, ffn, layers, trainable_layers, _linear_weights(pooler), kind != "head",
                                sum(_linear_weights(m) for m in head), embeddings_trained=kind == "none",
                                cached_prefix=cached_prefix)
+
+    @classmethod
+    def for_lora(cls, hidden: int, ffn: int, adapters: list[dict[str, int]], pooler_weights: int,
+                 head_weights: int) -> "FlopModel":
+        """LoRA: every base weight frozen, `adapters[i]` = {role: rank} for block i, pooler and head trained.
+
+        Roles: 'q', 'k', 'v', 'o' (hidden x hidden), 'qkv' (fused, hidden x 3 hidden), 'ffn_in', 'ffn_out';
+        any other adapted layer ('other') is counted as a hidden x hidden projection at the block's input.
+        A frozen weight whose input needs a gradient costs 2x (forward + input gradient): from the lowest
+        adapted projection up, the activation gradients run through every frozen matmul above it. An
+        adapter x -> A (r) -> B costs 3 x 2 r (d_in + d_out), less the input gradient 2 r d_in when x needs
+        none. The attention matmuls cost their forward plus one gradient per operand that needs one.
+        """
+        d, f = hidden, ffn
+        per_token = per_len_sq = 0
+        x_grad = False  # does the block's input need a gradient (is anything below it trained)?
+
+        def linear(d_in: int, d_out: int, needs: bool, r: int) -> tuple[int, bool]:
+            cost = 2 * d_in * d_out * (2 if needs else 1)
+            if r:
+                cost += 3 * 2 * r * (d_in + d_out) - (0 if needs else 2 * r * d_in)
+            return cost, needs or r > 0
+
+        for lora in adapters:
+            cost = 0
+            x_in = x_grad or lora.get("other", 0) > 0
+            if "other" in lora:
+                cost += 3 * 2 * lora["other"] * (d + d)
+            if "qkv" in lora:
+                c, q_grad = linear(d, 3 * d, x_in, lora["qkv"])
+                k_grad = v_grad = q_grad
+                cost += c
+            else:
+                (cq, q_grad), (ck, k_grad), (cv, v_grad) = (linear(d, d, x_in, lora.get(role, 0)) for role in "qkv")
+                cost += cq + ck + cv
+            scores_grad = q_grad or k_grad
+            per_len_sq += (4 + 2 * q_grad + 2 * k_grad + 2 * scores_grad + 2 * v_grad) * d
+            co, o_grad = linear(d, d, scores_grad or v_grad, lora.get("o", 0))
+            mid_grad = o_grad or x_in  # the residual carries the block input's gradient too
+            ci, i_grad = linear(d, f, mid_grad, lora.get("ffn_in", 0))
+            cf, out_grad = linear(f, d, i_grad, lora.get("ffn_out", 0))
+            per_token += cost + co + ci + cf
+            x_grad = out_grad or mid_grad
+        pooler_mult = 3 if x_grad else 2
+        head_mult = 3 if x_grad or pooler_weights else 2
+        return cls(per_token=per_token, per_len_sq=per_len_sq,
+                   per_seq=pooler_mult * 2 * pooler_weights + head_mult * 2 * head_weights)
 
 
 def batch_stats(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKw
 from transformers import get_linear_schedule_with_warmup
 
 from . import checkpoint as ckpt
-from . import curves, library_metrics, logs, tracking
+from . import curves, library_metrics, logs, lora, tracking
 from .cluster import detect, export_torch_distributed_env
 from .config import TrainConfig, save_json
 from .distributed import DEFAULT_DIST_TIMEOUT_S, main_process_first, process_group_kwargs
@@ -219,7 +219,8 @@ def main(cfg: TrainConfig) -> int:
             "mixed_precision": accelerator.mixed_precision, "train_examples": len(train_ds),
             "eval_examples": len(eval_ds), "distributed_type": str(accelerator.distributed_type),
             "policy": policy.spec, "param_groups": param_groups,
-            "unfreeze_schedule": [[step, stage.spec] for step, stage in schedule] if policy.gradual else None}})
+            "unfreeze_schedule": [[step, stage.spec] for step, stage in schedule] if policy.gradual else None,
+            **({"lora_targets": lora.adapted_modules(model)} if policy.kind == "lora" else {})}})
     run_log.log_path = out / "metrics.jsonl"
 
     # ---- model, optimizer, data, schedule, all wrapped by Accelerate
