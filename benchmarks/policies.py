@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from toolkit.policy import Policy  # noqa: E402  (the same parser as compare --policies)
+from toolkit.summary import cpu_model  # noqa: E402
 
 
 def run_one(args, policy: Policy, seed: int, lr: float, out: Path) -> dict:
@@ -116,7 +117,7 @@ def main() -> None:
     out_file = Path(args.output or ROOT / "benchmarks" / "results" / "policies" / f"{time.strftime('%Y%m%d-%H%M%S')}.json")
     out_file.parent.mkdir(parents=True, exist_ok=True)
     result = {"command": " ".join(sys.argv), "settings": {k: v for k, v in vars(args).items() if k != "table"},
-              "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
+              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
               "policies": [p.spec for p in policies], "runs": []}
     order = [(p, s) for s in seeds for p in policies] if args.order == "seed-major" else \
         [(p, s) for p in policies for s in seeds]
@@ -128,16 +129,6 @@ def main() -> None:
                   f"RSS {run['peak_rss_mib']:.0f} MiB, load {run['load_before']:.1f}", flush=True)
             out_file.write_text(json.dumps(result, indent=2) + "\n")  # after every run: a stopped benchmark keeps its runs
     print(f"\n{table(result)}\n\nwritten: {out_file}")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -37,11 +37,11 @@ def describe_hardware(device_type: str, world_size: int) -> str:
         name = torch.cuda.get_device_name()
         return f"{world_size} x {name}" if world_size > 1 else f"1 x {name}"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpu = f"{cores}-core CPU ({_cpu_model()})"
+    cpu = f"{cores}-core CPU ({cpu_model()})"
     return f"{world_size} processes on a {cpu}" if world_size > 1 else cpu
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
