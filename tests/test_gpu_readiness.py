@@ -171,7 +171,9 @@ def test_slow_rank0_data_phase_outlasts_a_short_process_group_timeout(tmp_path, 
                 "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", "0"]
     proc = run_cmd([*launcher, "launch/train.py", "--model", tiny_model, "--train-file", str(train_file),
                     "--eval-fraction", "0.01", "--max-length", "32", "--batch-size", "4", "--max-steps", "2", "--cpu",
-                    "--dist-timeout", "4", "--output-dir", str(out)], timeout=600,
+                    "--dist-timeout", "4", "--output-dir", str(out),
+                    "--verbose"],  # shows the tokenize progress bar, whose elapsed time is the premise below
+                   timeout=600,
                    env={"HF_DATASETS_CACHE": str(tmp_path / "cache"),  # a cold cache: rank 0 really tokenizes
                         "HF_HOME": str(tmp_path / "hf")})  # and no default accelerate config from this machine
     assert read_json(out / "metrics.json")["world_size"] == 2

@@ -247,11 +247,11 @@ def test_compare_runs_the_new_spellings(tiny_model_dir, data_dir, tmp_path, caps
     assert run(compare_main, CompareConfig, "compare", argv) == 0
     report = {r["policy"]: r for r in read_json(out / "report.json")["runs"]}
     assert set(report) == {"last2+llrd0.5", "head>none@1"} and all(r["status"] == "trained" for r in report.values())
-    llrd, gradual = read_json(out / "last2+llrd0.5" / "config.json"), read_json(out / "head-to-none-every-1" / "config.json")
+    llrd, gradual = (read_json(out / folder / "seed-42" / "config.json") for folder in ("last2+llrd0.5", "head-to-none-every-1"))
     assert (llrd["freeze"], llrd["layer_lr_decay"], llrd["unfreeze_every"]) == ("last2", 0.5, 0)
     assert (gradual["freeze"], gradual["unfreeze_every"], gradual["unfreeze_to"]) == ("head", 1, "none")
     assert {g["name"]: g["lr"] for g in llrd["resolved"]["param_groups"]}["block 2 decay"] == pytest.approx(1e-3 * 0.25)
-    assert read_json(out / "head-to-none-every-1" / "metrics.json")["freeze"] == "head>none@1"
+    assert read_json(out / "head-to-none-every-1" / "seed-42" / "metrics.json")["freeze"] == "head>none@1"
     assert run(compare_main, CompareConfig, "compare", argv) == 0  # the same command again reuses both runs
     assert all(r["status"] == "reused" for r in read_json(out / "report.json")["runs"])
     # per-policy options go inside the list, not next to it

@@ -277,7 +277,8 @@ def test_cache_frozen_head_trains_on_two_processes_and_saves_a_normal_model(tmp_
 def test_metrics_report_tokens_padding_and_flops(tmp_path, minilm, data_dir):
     out = tmp_path / "run"
     proc = python(*BASE, "--model", minilm, "--data-dir", data_dir, "--train-samples", "64", "--eval-samples", "24",
-                  "--freeze", "last2", "--max-steps", "3", "--lr", "3e-4", "--output-dir", str(out))
+                  "--freeze", "last2", "--max-steps", "3", "--lr", "3e-4", "--output-dir", str(out),
+                  "--verbose")  # the frozen-dropout line is a detail, shown with --verbose
     # by default the frozen part runs without dropout: embeddings + 3 dropouts in each of 4 frozen blocks
     assert "frozen part without dropout (13 dropout modules" in " ".join(proc.stdout.split())
     assert read_json(out / "config.json")["frozen_dropout"] is False

@@ -225,7 +225,8 @@ def main(cfg: CompareConfig) -> int:
     if accelerator.is_main_process:
         # in --policies order, each policy's seeds in --seeds order
         ordered = [records[p.spec, s] for p in policies for s in seeds]
-        baseline = BASELINE if BASELINE in policies else policies[0]
+        specs = [p.spec for p in policies]
+        baseline = BASELINE if BASELINE in specs else specs[0]
         data = summary.collect(out, ordered, base.to_dict(), hardware, baseline, seeds)
         report.write_report(out, data)
         from .chart import write_chart  # matplotlib loads only when a report is drawn
