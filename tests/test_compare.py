@@ -228,7 +228,9 @@ def _snapshot(out):
 def test_second_invocation_reuses_finished_runs(compared, capsys):
     out, args = compared
     before = _snapshot(out)
-    assert run(compare_main, CompareConfig, "compare", [*args[1:], "--policies", "none,head,last9", "--seeds", "0,1"]) == 1
+    # --lora-r changes LoRA runs only: the list's none and head runs stay reusable
+    assert run(compare_main, CompareConfig, "compare", [*args[1:], "--policies", "none,head,last9", "--seeds", "0,1",
+                                                        "--lora-r", "4"]) == 1
     assert _snapshot(out) == before, "a finished run was touched or added"
     statuses = {(r["policy"], r["seed"]): r["status"] for r in report_of(out)["runs"]}
     assert statuses == {**{(p, s): "reused" for p in POLICIES for s in SEEDS}, ("last9", 0): "failed", ("last9", 1): "failed"}

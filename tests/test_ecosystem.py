@@ -223,6 +223,21 @@ def test_bad_tracker_and_metric_fail_before_output(tmp_path, monkeypatch):
     assert not out.exists()
 
 
+def test_a_tracker_that_cannot_start_is_one_clear_error(tmp_path, tiny_model, data_dir, monkeypatch, capsys):
+    from toolkit.cli import run
+    from toolkit.config import TrainConfig
+    from toolkit.train import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")  # MLflow knows no store for that scheme
+    out = tmp_path / "run"
+    code = run(main, TrainConfig, "train", ["--model", tiny_model, "--data-dir", data_dir, *DATA, "--cpu",
+                                            "--report-to", "mlflow", "--output-dir", str(out)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "Traceback" not in err, err
+    assert "--report-to mlflow: a tracker could not start" in err and "MLFLOW_TRACKING_URI" in err
+    assert not (out / "metrics.json").exists() and not (out / "checkpoints").exists()
+
+
 def test_installed_commands():
     """Every [project.scripts] entry runs from outside the checkout.
 

@@ -323,6 +323,32 @@ def test_bad_lora_flags_exit_2_and_write_nothing(extra, message, tiny_dir, data_
     assert not (tmp_path / "out").exists()
 
 
+def test_lora_resume_with_other_lora_settings_is_refused(tiny_dir, data_dir, tmp_path, capsys):
+    from toolkit.cli import run
+    from toolkit.config import TrainConfig
+    from toolkit.train import main
+
+    out, stop = tmp_path / "out", tmp_path / "STOP"
+    argv = ["--model", tiny_dir, "--data-dir", data_dir, "--train-samples", "16", "--eval-samples", "8",
+            "--max-length", "32", "--batch-size", "8", "--cpu", "--freeze", "lora", "--lora-r", "4", "--output-dir", str(out)]
+    stop.touch()  # present from the start: a checkpoint after step 1, then exit 75
+    assert run(main, TrainConfig, "train", [*argv, "--stop-file", str(stop)]) == 75
+    checkpoint = out / "checkpoints" / "step-00000001"
+    files = {p: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    # rank 8 adapters cannot take the rank-4 checkpoint's weights: one clear error, before anything is loaded
+    code = run(main, TrainConfig, "train", [*argv[:-4], "--lora-r", "8", *argv[-2:], "--resume-from", "auto"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "Traceback" not in err, err
+    assert "trained with policy 'lora' (LoRA r=4, alpha=16, dropout=0.1, targets=default)" in err
+    assert "asks for 'lora' (LoRA r=8," in err and "--lora-* options" in err
+    assert not (out / "metrics.json").exists()
+    assert {p: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()} == files
+    # the same settings resume and finish
+    assert run(main, TrainConfig, "train", [*argv, "--resume-from", "auto"]) == 0
+    assert (out / "metrics.json").is_file()
+
+
 def test_lora_policy_value_and_compare_spelling():
     from toolkit.compare import parse_policies
     from toolkit.config import TrainConfig

@@ -40,6 +40,8 @@ BASELINE = "none"  # the baseline of the paired differences when listed, else th
 # Settings that change how a run is carried out or logged, not what it computes.
 NOT_COMPARED = {"output_dir", "resume_from", "stop_file", "log_every", "checkpoint_every", "keep_checkpoints",
                 "num_workers", "resolved", "report_to", "run_name", "quiet", "verbose"}
+# The --lora-* settings change only LoRA runs: a list's `none` run stays reusable when --lora-r changes.
+LORA_FIELDS = {"lora_r", "lora_alpha", "lora_dropout", "lora_targets"}
 
 
 @dataclass
@@ -113,8 +115,8 @@ def run_config(base: TrainConfig, policy: Policy, seed: int, out: Path) -> Train
                                output_dir=str(out / run_dir(policy, seed)))
 
 
-def _mismatch(saved: dict, wanted: dict, defaults: dict, prefix: str = "") -> list[str]:
-    keys = (set(saved) | set(wanted)) - NOT_COMPARED
+def _mismatch(saved: dict, wanted: dict, defaults: dict, prefix: str = "", ignore: frozenset = frozenset()) -> list[str]:
+    keys = (set(saved) | set(wanted)) - NOT_COMPARED - ignore
     diffs = []
     for key in sorted(keys):
         # an option added to the toolkit after that run was trained had its default value then
@@ -139,7 +141,8 @@ def plan(out: Path, runs: dict[tuple[str, int], TrainConfig], world_size: int) -
             decisions[policy, seed] = "train"
             continue
         saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
-        diffs = _mismatch(saved, cfg.to_dict(), TrainConfig().to_dict())
+        diffs = _mismatch(saved, cfg.to_dict(), TrainConfig().to_dict(),
+                          ignore=frozenset() if cfg.freeze == "lora" else frozenset(LORA_FIELDS))
         trained_on = saved.get("resolved", {}).get("world_size", world_size)
         if trained_on != world_size:
             diffs.append(f"processes: {trained_on} there, {world_size} now")

@@ -29,7 +29,7 @@ a gradual schedule climbs one level per thaw.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from torch import nn
 
@@ -134,6 +134,19 @@ class Policy:
 
     def __str__(self) -> str:
         return self.spec
+
+    def record(self) -> dict:
+        """What a checkpoint stores so that a resumed run can be checked to continue this same policy
+        (the spelling alone does not name the LoRA settings, and the saved adapters have their shapes)."""
+        return {"spec": self.spec, "lora": asdict(self.lora) if self.lora else None}
+
+    @staticmethod
+    def describe_record(record: dict) -> str:
+        lora = record.get("lora")
+        if not lora:
+            return f"'{record['spec']}'"
+        return (f"'{record['spec']}' (LoRA r={lora['r']}, alpha={lora['alpha']:g}, dropout={lora['dropout']:g}, "
+                f"targets={lora['targets'] or 'default'})")
 
     @classmethod
     def of(cls, policy: "Policy | str") -> "Policy":

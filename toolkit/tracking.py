@@ -112,8 +112,14 @@ def start(accelerator, run_log, names: list[str], out: Path, run_name: str, conf
     # The run folder is known only once the process group exists (rank 0 names it), after the
     # Accelerator is built, so the tracker objects are handed over here rather than to Accelerator(log_with=).
     accelerator.log_with = trackers
-    with _quiet_stdout(verbosity):
-        accelerator.init_trackers(PROJECT, config=hyperparameters(config) if resume_step is None else None)
+    try:
+        with _quiet_stdout(verbosity):
+            accelerator.init_trackers(PROJECT, config=hyperparameters(config) if resume_step is None else None)
+    except Exception as err:  # the tracker's own settings (a store URI, a project, a login), not this toolkit's
+        raise ToolkitError(f"--report-to {','.join(names)}: a tracker could not start ({type(err).__name__}: "
+                           f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no message'})",
+                           "check its settings (MLFLOW_TRACKING_URI, WANDB_MODE / WANDB_DIR, TRACKIO_DIR, ...) "
+                           "or leave it out of --report-to") from None
     if "mlflow" in names:
         ids["mlflow"] = {"run_id": accelerator.get_tracker("mlflow").tracker.info.run_id,
                          "tracking_uri": _mlflow_uri()}

@@ -204,9 +204,12 @@ def main(cfg: TrainConfig) -> int:
     out = shared_output_dir(accelerator, cfg)
     resume = open_output_dir(accelerator, out, cfg.resume_from, run_log.print)
     recorded = ckpt.read_progress(resume).get("policy") if resume is not None else None
-    if recorded is not None and recorded["spec"] != policy.spec:
-        raise ToolkitError(f"checkpoint {resume} was trained with policy '{recorded['spec']}', this run asks for "
-                           f"'{policy.spec}'", "resume with the same --freeze / --layer-lr-decay / --unfreeze-* options")
+    wanted = policy.record()
+    # a checkpoint from before the LoRA settings were recorded is checked on its spelling alone
+    if recorded is not None and (recorded["spec"], recorded.get("lora", wanted["lora"])) != (wanted["spec"], wanted["lora"]):
+        raise ToolkitError(f"checkpoint {resume} was trained with policy {Policy.describe_record(recorded)}, this run "
+                           f"asks for {Policy.describe_record(wanted)}",
+                           "resume with the same --freeze / --layer-lr-decay / --unfreeze-* / --lora-* options")
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, policy)
     param_groups = [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
                      "params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups]
@@ -322,7 +325,7 @@ def main(cfg: TrainConfig) -> int:
                  checkpoint_every=cfg.checkpoint_every, run_log=run_log, stop=stop, evaluate=evaluate,
                  checkpoint=lambda s: ckpt.save_checkpoint(
                      accelerator, out, {"state": s.to_dict(), "config": cfg.to_dict(),
-                                        "policy": {"spec": policy.spec, "stage": policy.stage(raw_model, s.global_step).spec}},
+                                        "policy": {**policy.record(), "stage": policy.stage(raw_model, s.global_step).spec}},
                      cfg.keep_checkpoints),
                  flop_model=flop_model, peak_flops=peak_flops, max_skipped_steps=cfg.max_skipped_steps,
                  on_step=thaw if policy.gradual else None)
