@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -202,6 +203,7 @@ def main(cfg: TrainConfig) -> int:
         run_log.detail(f"frozen part without dropout ({changed} dropout modules; --frozen-dropout keeps it)")
 
     out = shared_output_dir(accelerator, cfg)
+    created = accelerator.is_main_process and not out.exists()  # everything in it is then this run's
     resume = open_output_dir(accelerator, out, cfg.resume_from, run_log.print)
     recorded = ckpt.read_progress(resume).get("policy") if resume is not None else None
     wanted = policy.record()
@@ -301,8 +303,13 @@ def main(cfg: TrainConfig) -> int:
 
     if cache is not None:
         state.train_runtime_s += cache.train_seconds  # it replaced the frozen part's forward passes
-    tracking.start(accelerator, run_log, trackers, out, cfg.run_name or tracking.default_run_name(out), cfg.to_dict(),
-                   resume_step=state.global_step if resume is not None else None, verbosity=verbosity)
+    try:
+        tracking.start(accelerator, run_log, trackers, out, cfg.run_name or tracking.default_run_name(out), cfg.to_dict(),
+                       resume_step=state.global_step if resume is not None else None, verbosity=verbosity)
+    except ToolkitError:
+        if created:  # a tracker's bad settings are bad input: the new run leaves no folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
     last_eval: dict[int, EvalResult] = {}  # global step -> result, so the end-of-run eval is not repeated
 
