@@ -25,6 +25,7 @@ import json
 import os
 import re
 import secrets
+import sys
 from pathlib import Path
 
 from .errors import ToolkitError
@@ -145,6 +146,9 @@ def finish(accelerator, run_log) -> None:
     with _quiet_stdout(run_log.verbosity):
         for tracker in getattr(accelerator, "trackers", []):
             tracker.finish()
+    if (trackio := sys.modules.get("trackio")) is not None:
+        # finished above; trackio's exit hook would finish (and announce on stdout) the same run again
+        trackio.context_vars.current_run.set(None)
     if hasattr(accelerator, "trackers"):
         accelerator.trackers = []
     run_log.trackers = None
