@@ -41,7 +41,7 @@ BASELINE = "none"  # the baseline of the paired differences when listed, else th
 NOT_COMPARED = {"output_dir", "resume_from", "stop_file", "log_every", "checkpoint_every", "keep_checkpoints",
                 "num_workers", "resolved", "report_to", "run_name", "quiet", "verbose"}
 # The --lora-* settings change only LoRA runs: a list's `none` run stays reusable when --lora-r changes.
-LORA_FIELDS = {"lora_r", "lora_alpha", "lora_dropout", "lora_targets"}
+LORA_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("lora_"))
 
 
 @dataclass
@@ -142,7 +142,7 @@ def plan(out: Path, runs: dict[tuple[str, int], TrainConfig], world_size: int) -
             continue
         saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
         diffs = _mismatch(saved, cfg.to_dict(), TrainConfig().to_dict(),
-                          ignore=frozenset() if cfg.freeze == "lora" else frozenset(LORA_FIELDS))
+                          ignore=frozenset() if cfg.freeze == "lora" else LORA_FIELDS)
         trained_on = saved.get("resolved", {}).get("world_size", world_size)
         if trained_on != world_size:
             diffs.append(f"processes: {trained_on} there, {world_size} now")

@@ -117,8 +117,9 @@ def start(accelerator, run_log, names: list[str], out: Path, run_name: str, conf
         with _quiet_stdout(verbosity):
             accelerator.init_trackers(PROJECT, config=hyperparameters(config) if resume_step is None else None)
     except Exception as err:  # the tracker's own settings (a store URI, a project, a login), not this toolkit's
+        first_line = (str(err).strip() or "no message").splitlines()[0]
         raise ToolkitError(f"--report-to {','.join(names)}: a tracker could not start ({type(err).__name__}: "
-                           f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no message'})",
+                           f"{first_line})",
                            "check its settings (MLFLOW_TRACKING_URI, WANDB_MODE / WANDB_DIR, TRACKIO_DIR, ...) "
                            "or leave it out of --report-to") from None
     if "mlflow" in names:
