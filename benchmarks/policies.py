@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolkit.policy import Policy  # noqa: E402  (the same parser as compare --policies)
-from toolkit.summary import cpu_model  # noqa: E402
+from toolkit.policy.policy import Policy  # noqa: E402  (the same parser as compare --policies)
+from toolkit.report.stats import cpu_model  # noqa: E402
 
 
 def run_one(args, policy: Policy, seed: int, lr: float, out: Path) -> dict:

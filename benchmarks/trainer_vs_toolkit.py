@@ -78,11 +78,11 @@ def run_trainer(args: argparse.Namespace) -> dict:
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from toolkit.config import DataConfig
-    from toolkit.data import build_splits, tokenize
-    from toolkit.freeze import apply_freeze
-    from toolkit.metrics import classification_metrics
-    from toolkit.model import load_model, load_tokenizer
+    from toolkit.core.config import DataConfig
+    from toolkit.data.dataset import build_splits, tokenize
+    from toolkit.policy.blocks import apply_freeze
+    from toolkit.engine.metrics import classification_metrics
+    from toolkit.engine.model import load_model, load_tokenizer
 
     hf_logging.set_verbosity_error()
     tokenizer = load_tokenizer(args.model)
@@ -203,9 +203,9 @@ def trainer_padding(args: argparse.Namespace) -> dict:
     """Padding fraction of the Trainer's batches: random train batches (mean over 200 shuffles), eval in row order."""
     import torch
 
-    from toolkit.config import DataConfig
-    from toolkit.data import build_splits, tokenize
-    from toolkit.model import load_tokenizer
+    from toolkit.core.config import DataConfig
+    from toolkit.data.dataset import build_splits, tokenize
+    from toolkit.engine.model import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     train, evals = build_splits(DataConfig(task=args.task, data_dir=args.data_dir, train_samples=args.train_samples,

@@ -9,7 +9,7 @@
 """
 
 from toolkit.cli import launch
-from toolkit.config import EvalConfig
+from toolkit.core.config import EvalConfig
 from toolkit.evaluate import main
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Needs only the model's tokenizer and config (no weights) and no GPU.
 """
 
 from toolkit.cli import launch
-from toolkit.config import PrepareConfig
+from toolkit.core.config import PrepareConfig
 from toolkit.prepare import main
 
 if __name__ == "__main__":

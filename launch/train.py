@@ -5,7 +5,7 @@
 """
 
 from toolkit.cli import launch
-from toolkit.config import TrainConfig
+from toolkit.core.config import TrainConfig
 from toolkit.train import main
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the toolkit without installing it
 
-from toolkit.cluster import ClusterEnv, detect, export_torch_distributed_env  # noqa: E402
+from toolkit.backends.cluster import ClusterEnv, detect, export_torch_distributed_env  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,8 +182,8 @@ def test_fsdp_yaml_builds_accelerates_fsdp_plugin_and_wraps_each_block(monkeypat
     from torch.distributed.fsdp import ShardingStrategy, StateDictType
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-    from toolkit.freeze import find_blocks
-    from toolkit.model import fsdp_wrap_classes
+    from toolkit.policy.blocks import find_blocks
+    from toolkit.engine.model import fsdp_wrap_classes
 
     args, _, _ = _launch_args("fsdp.yaml", monkeypatch)
     assert args.use_fsdp and not args.cpu

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import python
 from toolkit.cli import run
-from toolkit.config import DataConfig, EvalConfig, TrainConfig
-from toolkit.data import build_splits
+from toolkit.core.config import DataConfig, EvalConfig, TrainConfig
+from toolkit.data.dataset import build_splits
 from toolkit.evaluate import main as evaluate_main
 from toolkit.train import main as train_main
 

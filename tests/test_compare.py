@@ -18,12 +18,12 @@ from scipy.stats import t as student_t
 from transformers import AutoModel
 
 from conftest import accelerate_launch, python, read_json, read_predictions
-from toolkit.chart import figure
+from toolkit.report.chart import figure
 from toolkit.cli import run
 from toolkit.compare import CompareConfig, parse_policies
 from toolkit.compare import main as compare_main
-from toolkit.config import DataConfig, EvalConfig
-from toolkit.data import build_splits
+from toolkit.core.config import DataConfig, EvalConfig
+from toolkit.data.dataset import build_splits
 from toolkit.evaluate import main as evaluate_main
 
 DATA = ["--task", "imdb-subset", "--train-samples", "64", "--eval-samples", "32", "--max-length", "32"]

@@ -13,9 +13,9 @@ from transformers import AutoTokenizer, BertConfig, BertModel, pipeline
 
 from conftest import python, read_json
 from toolkit.cli import run
-from toolkit.config import DataConfig, TrainConfig
-from toolkit.data import EpochBatchSampler, build_splits, clean, load_data_file
-from toolkit.metrics import classification_metrics
+from toolkit.core.config import DataConfig, TrainConfig
+from toolkit.data.dataset import EpochBatchSampler, build_splits, clean, load_data_file
+from toolkit.engine.metrics import classification_metrics
 from toolkit.train import main as train_main
 
 DATA = Path(__file__).parent / "data"

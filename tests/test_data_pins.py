@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.config import DataConfig
-from toolkit.data import EpochBatchSampler, build_splits
+from toolkit.core.config import DataConfig
+from toolkit.data.dataset import EpochBatchSampler, build_splits
 
 
 def digest(xs) -> str:

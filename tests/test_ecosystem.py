@@ -159,7 +159,7 @@ def test_curves_png_and_plot_overlay(tracked, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "2 run(s) drawn" in proc.stdout and (tmp_path / "cmp" / "curves.png").stat().st_size > 20_000
-    from toolkit.curves import _labels, find_runs
+    from toolkit.output.curves import _labels, find_runs
 
     assert _labels(find_runs([tmp_path / "cmp"])) == ["last2/seed-0", "none/seed-0"]
     bad = subprocess.run([sys.executable, str(ROOT / "launch" / "plot.py"), str(tmp_path / "empty-nothing")],
@@ -203,9 +203,9 @@ def test_two_processes_quiet_ranks_and_evaluate_metric(tmp_path, tiny_model, dat
 
 def test_bad_tracker_and_metric_fail_before_output(tmp_path, monkeypatch):
     from toolkit.cli import run
-    from toolkit.config import TrainConfig
-    from toolkit.errors import ToolkitError
-    from toolkit.tracking import check
+    from toolkit.core.config import TrainConfig
+    from toolkit.core.errors import ToolkitError
+    from toolkit.output.trackers import check
     from toolkit.train import main
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # what Python does when the package is absent: ImportError
@@ -216,7 +216,7 @@ def test_bad_tracker_and_metric_fail_before_output(tmp_path, monkeypatch):
     assert run(main, TrainConfig, "t", ["--report-to", "tensorbord", "--output-dir", str(out)]) == 2
     monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")
     with pytest.raises(ToolkitError) as err:
-        __import__("toolkit.library_metrics").library_metrics.load("no_such_metric_13")
+        __import__("toolkit.engine.extra_metrics").engine.extra_metrics.load("no_such_metric_13")
     assert "HF_EVALUATE_OFFLINE=1" in err.value.fix and "evaluate.load('no_such_metric_13')" in err.value.fix
     assert run(main, TrainConfig, "t", ["--metrics", "no_such_metric_13", "--output-dir", str(out)]) == 2
     assert not out.exists()
@@ -224,7 +224,7 @@ def test_bad_tracker_and_metric_fail_before_output(tmp_path, monkeypatch):
 
 def test_a_tracker_that_cannot_start_is_one_clear_error(tmp_path, tiny_model, data_dir, monkeypatch, capsys):
     from toolkit.cli import run
-    from toolkit.config import TrainConfig
+    from toolkit.core.config import TrainConfig
     from toolkit.train import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")  # MLflow knows no store for that scheme

@@ -10,10 +10,10 @@ from transformers import (
     RobertaConfig, RobertaForSequenceClassification,
 )
 
-from toolkit.errors import ToolkitError
-from toolkit.freeze import apply_freeze, find_blocks
-from toolkit.policy import Policy
-from toolkit.model import build_optimizer
+from toolkit.core.errors import ToolkitError
+from toolkit.policy.blocks import apply_freeze, find_blocks
+from toolkit.policy.policy import Policy
+from toolkit.engine.model import build_optimizer
 
 
 @pytest.fixture(scope="module")

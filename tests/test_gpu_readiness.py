@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from conftest import ROOT, read_json, run_cmd
-from toolkit.errors import ToolkitError
-from toolkit.precision import has_kernels, launcher_choice, resolve_mixed_precision, tf32_applies
+from toolkit.core.errors import ToolkitError
+from toolkit.backends.precision import has_kernels, launcher_choice, resolve_mixed_precision, tf32_applies
 
 T4, V100, A100, H100, CPU = (7, 5), (7, 0), (8, 0), (9, 0), None
 GPUS = {"T4": T4, "V100": V100, "A100": A100, "H100": H100, "CPU": CPU}
@@ -124,7 +124,7 @@ def test_this_build_is_checked_against_its_own_arch_list():
 # ---------------------------------------------------------------- process-group timeouts
 
 def test_every_multi_process_group_gets_the_timeout():
-    from toolkit.distributed import process_group_kwargs
+    from toolkit.backends.distributed import process_group_kwargs
 
     assert process_group_kwargs(cpu=False, world_size=1, timeout_s=60) == []
     gpu = process_group_kwargs(cpu=False, world_size=8, timeout_s=1800)[0].to_kwargs()
@@ -196,10 +196,10 @@ def test_cached_features_meet_16bit_weights(tiny_model):
     from accelerate import Accelerator
     from datasets import Dataset
 
-    from toolkit.data import Collator, tokenize
-    from toolkit.freeze import apply_freeze
-    from toolkit.frozen_cache import FrozenCache
-    from toolkit.model import load_model, load_tokenizer
+    from toolkit.data.dataset import Collator, tokenize
+    from toolkit.policy.blocks import apply_freeze
+    from toolkit.engine.frozen_cache import FrozenCache
+    from toolkit.engine.model import load_model, load_tokenizer
 
     folder = tiny_model
     tok = load_tokenizer(folder)
@@ -228,7 +228,7 @@ def test_fsdp_clip_gets_all_parameters_so_accelerate_uses_fsdps_own_clip():
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    from toolkit.loop import clip_parameters
+    from toolkit.engine.loop import clip_parameters
 
     class Wrapped(torch.nn.Module):  # stands in for the FSDP wrapper: records which clip accelerate picked
         def __init__(self):
@@ -265,7 +265,7 @@ def test_fsdp_clip_gets_all_parameters_so_accelerate_uses_fsdps_own_clip():
 # ---------------------------------------------------------------- srun: one GPU per task
 
 def test_srun_task_with_its_own_gpu_uses_ordinal_zero():
-    from toolkit.cluster import export_torch_distributed_env
+    from toolkit.backends.cluster import export_torch_distributed_env
 
     base = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "3", "SLURM_LOCALID": "3", "SLURM_NODEID": "0",
             "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NUM_NODES": "1", "SLURM_STEP_NODELIST": "n1",
@@ -318,7 +318,7 @@ def test_deepspeed_template_saves_the_model_under_zero3(tmp_path, monkeypatch, z
 
 
 def test_tf32_switch_keeps_both_torch_apis_readable():
-    from toolkit.precision import enable_tf32
+    from toolkit.backends.precision import enable_tf32
 
     before = torch.get_float32_matmul_precision()
     try:

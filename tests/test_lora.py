@@ -7,9 +7,9 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from test_freeze import _tiny
-from toolkit import lora
-from toolkit.errors import ToolkitError
-from toolkit.freeze import summarize
+from toolkit.policy import lora
+from toolkit.core.errors import ToolkitError
+from toolkit.policy.blocks import summarize
 
 
 def tiny_bert(layers: int = 3, **kw) -> BertForSequenceClassification:
@@ -166,8 +166,8 @@ def tiny_dir(tmp_path_factory, minilm):
 
 @pytest.fixture(scope="module")
 def eval_texts(data_dir):
-    from toolkit.config import DataConfig
-    from toolkit.data import build_splits
+    from toolkit.core.config import DataConfig
+    from toolkit.data.dataset import build_splits
 
     _, eval_ds = build_splits(DataConfig(task="imdb-subset", data_dir=data_dir, train_samples=32, eval_samples=20),
                               log=lambda *a: None)
@@ -236,7 +236,7 @@ def test_lora_minilm_one_process(tmp_path, minilm, data_dir, eval_texts):
 
     from conftest import python, read_json, read_predictions
     from toolkit.cli import run
-    from toolkit.config import TrainConfig
+    from toolkit.core.config import TrainConfig
     from toolkit.train import main
 
     out = tmp_path / "run"
@@ -247,7 +247,7 @@ def test_lora_minilm_one_process(tmp_path, minilm, data_dir, eval_texts):
     # a checkpoint folder scores like the run (evaluate.py / predict.py accept one): rebuilt with LoRA, merged
     from transformers import AutoModelForSequenceClassification
 
-    from toolkit.saved import load_saved
+    from toolkit.engine.load import load_saved
 
     saved = load_saved(str(next((out / "checkpoints").glob("step-*"))))
     batch = saved.tokenizer(eval_texts[:6], truncation=True, max_length=MAX_LEN, padding=True, return_tensors="pt")
@@ -312,7 +312,7 @@ def test_lora_two_processes(tmp_path, tiny_dir, data_dir, eval_texts, backend):
 ])
 def test_bad_lora_flags_exit_2_and_write_nothing(extra, message, tiny_dir, data_dir, tmp_path, capsys):
     from toolkit.cli import run
-    from toolkit.config import TrainConfig
+    from toolkit.core.config import TrainConfig
     from toolkit.train import main
 
     argv = ["--model", tiny_dir, "--data-dir", data_dir, "--train-samples", "16", "--eval-samples", "8",
@@ -325,7 +325,7 @@ def test_bad_lora_flags_exit_2_and_write_nothing(extra, message, tiny_dir, data_
 
 def test_lora_resume_with_other_lora_settings_is_refused(tiny_dir, data_dir, tmp_path, capsys):
     from toolkit.cli import run
-    from toolkit.config import TrainConfig
+    from toolkit.core.config import TrainConfig
     from toolkit.train import main
 
     out, stop = tmp_path / "out", tmp_path / "STOP"
@@ -351,8 +351,8 @@ def test_lora_resume_with_other_lora_settings_is_refused(tiny_dir, data_dir, tmp
 
 def test_lora_policy_value_and_compare_spelling():
     from toolkit.compare import parse_policies
-    from toolkit.config import TrainConfig
-    from toolkit.policy import Policy
+    from toolkit.core.config import TrainConfig
+    from toolkit.policy.policy import Policy
 
     policy = Policy.from_config(TrainConfig(freeze="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets="key"))
     assert policy.kind == "lora" and policy.spec == "lora" and policy.lora == lora.LoraSpec(4, 8, 0.0, "key")

@@ -15,11 +15,11 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 from conftest import accelerate_launch, read_json, read_predictions
 from toolkit.cli import run
 from toolkit.compare import parse_policies
-from toolkit.config import TrainConfig
-from toolkit.errors import ToolkitError
-from toolkit.model import build_optimizer
-from toolkit.policy import Policy
-from toolkit.throughput import FlopModel
+from toolkit.core.config import TrainConfig
+from toolkit.core.errors import ToolkitError
+from toolkit.engine.model import build_optimizer
+from toolkit.policy.policy import Policy
+from toolkit.engine.flops import FlopModel
 from toolkit.train import main as train_main
 
 LAYERS = 4

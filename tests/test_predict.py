@@ -14,8 +14,8 @@ import pytest
 
 from conftest import ROOT, read_json, read_predictions
 from toolkit.cli import run
-from toolkit.config import DataConfig, TrainConfig, parse_args
-from toolkit.data import build_splits
+from toolkit.core.config import DataConfig, TrainConfig, parse_args
+from toolkit.data.dataset import build_splits
 from toolkit.predict import PredictConfig
 from toolkit.predict import main as predict_main
 from toolkit.train import main as train_main

@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from conftest import ROOT, _free_port, accelerate_launch, read_json, read_predictions
-from toolkit import checkpoint as ckpt
+from toolkit.engine import checkpoint as ckpt
 from toolkit.cli import run
-from toolkit.config import DataConfig, TrainConfig
-from toolkit.errors import RunFailed, ToolkitError
-from toolkit.loop import NON_FINITE_EXIT_CODE, StepGuard, TrainState, fit, validate
+from toolkit.core.config import DataConfig, TrainConfig
+from toolkit.core.errors import RunFailed, ToolkitError
+from toolkit.engine.loop import NON_FINITE_EXIT_CODE, StepGuard, TrainState, fit, validate
 from toolkit.train import default_num_workers
 from toolkit.train import main as train_main
 
@@ -129,8 +129,8 @@ def test_diverging_loss_stops_every_rank_at_the_same_step(tiny_bert, data_dir, t
 
 @pytest.fixture(scope="module")
 def reviews(tiny_bert, data_dir):
-    from toolkit.data import build_splits, tokenize
-    from toolkit.model import load_tokenizer
+    from toolkit.data.dataset import build_splits, tokenize
+    from toolkit.engine.model import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_bert)
     train, evals = build_splits(DataConfig(task="imdb-subset", data_dir=data_dir, train_samples=48, eval_samples=16),
@@ -144,10 +144,10 @@ def in_process_fit(tiny_bert, reviews, *, lr=1e-3, grad_accum=1, epochs=1, log_e
     from accelerate import Accelerator
     from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
-    from toolkit.data import Collator, make_loader
-    from toolkit.model import build_optimizer
-    from toolkit.preemption import StopRequest
-    from toolkit.run_log import RunLog
+    from toolkit.data.dataset import Collator, make_loader
+    from toolkit.engine.model import build_optimizer
+    from toolkit.backends.preemption import StopRequest
+    from toolkit.output.console import RunLog
 
     tokenizer, train_tok, _ = reviews
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False)
@@ -192,7 +192,7 @@ def test_non_finite_eval_logits_stop_before_anything_is_saved(tiny_bert, reviews
     from accelerate import Accelerator
     from transformers import AutoModelForSequenceClassification
 
-    from toolkit.data import Collator, make_loader
+    from toolkit.data.dataset import Collator, make_loader
 
     tokenizer, _, eval_tok = reviews
     accelerator = Accelerator(cpu=True)
@@ -217,7 +217,7 @@ def test_at_most_one_host_sync_per_optimizer_step(tiny_bert, reviews, monkeypatc
     counted apart: transformers' SDPA mask helper checks `padding_mask.all()` once per forward."""
     import traceback
 
-    from toolkit import loop
+    from toolkit.engine import loop
 
     ours, model_side = [], []
 
@@ -432,8 +432,8 @@ def row_by_row(tiny_bert, data_dir):
     """Each eval row scored alone, without padding: the reference the batched results must equal."""
     from transformers import AutoModelForSequenceClassification
 
-    from toolkit.data import build_splits, tokenize
-    from toolkit.model import load_tokenizer
+    from toolkit.data.dataset import build_splits, tokenize
+    from toolkit.engine.model import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_bert)
     _, eval_ds = build_splits(DataConfig(task="imdb-subset", data_dir=data_dir, train_samples=8,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.cluster import (
+from toolkit.backends.cluster import (
     ClusterEnv,
     detect,
     expand_hostlist,

@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import accelerate_launch, python, read_json, read_predictions
-from toolkit.config import DataConfig, TrainConfig, parse_args
-from toolkit.data import Collator, EpochBatchSampler, build_splits, make_loader, tokenize
-from toolkit.freeze import apply_freeze, find_blocks
-from toolkit.frozen_cache import FrozenCache
-from toolkit.loop import validate
-from toolkit.model import load_model, load_tokenizer
-from toolkit.throughput import FlopModel, disable_frozen_dropout, gpu_family, peak_flops
+from toolkit.core.config import DataConfig, TrainConfig, parse_args
+from toolkit.data.dataset import Collator, EpochBatchSampler, build_splits, make_loader, tokenize
+from toolkit.policy.blocks import apply_freeze, find_blocks
+from toolkit.engine.frozen_cache import FrozenCache
+from toolkit.engine.loop import validate
+from toolkit.engine.model import load_model, load_tokenizer
+from toolkit.engine.flops import FlopModel, disable_frozen_dropout, gpu_family, peak_flops
 
 MAX_LEN = 48  # end-to-end runs
 EVAL_LEN = 192  # in-process checks: long enough that review lengths differ
@@ -233,7 +233,7 @@ def test_cache_frozen_gives_the_normal_path_results(accelerator, minilm, tiny_da
 
 
 def test_cache_frozen_refuses_what_it_cannot_do(accelerator, minilm, tiny_data):
-    from toolkit.errors import ToolkitError
+    from toolkit.core.errors import ToolkitError
 
     _, train_tok, eval_tok = tiny_data
     model = load_model(minilm, 2)

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, pipeline
 
 from conftest import TINY, accelerate_launch, python, read_json, read_predictions
-from toolkit.config import DataConfig
-from toolkit.data import build_splits
+from toolkit.core.config import DataConfig
+from toolkit.data.dataset import build_splits
 
 EVAL_ROWS = 101  # odd, and not a multiple of 2 x eval batch: the last batch is uneven on 2 ranks
 TRAIN_ARGS = ["--task", "imdb-subset", "--train-samples", "640", "--eval-samples", str(EVAL_ROWS),
@@ -149,8 +149,8 @@ def test_saved_tokenizer_does_not_depend_on_what_the_run_tokenized(minilm, tmp_p
     """
     from accelerate import Accelerator
 
-    from toolkit.checkpoint import save_model
-    from toolkit.model import load_model, load_tokenizer
+    from toolkit.engine.checkpoint import save_model
+    from toolkit.engine.model import load_model, load_tokenizer
 
     accelerator, model = Accelerator(cpu=True), load_model(minilm, 2)
     fresh = load_tokenizer(minilm)

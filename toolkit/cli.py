@@ -10,8 +10,8 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from .config import parse_args
-from .errors import RunFailed, ToolkitError
+from .core.config import parse_args
+from .core.errors import RunFailed, ToolkitError
 
 
 def run(main: Callable[[object], int], config_cls: type, description: str, argv: list[str] | None = None) -> int:

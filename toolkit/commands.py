@@ -17,14 +17,14 @@ from .cli import launch
 
 def train() -> None:
     """Fine-tune a BERT-class classifier (bert-ft-train --help lists every option)."""
-    from .config import TrainConfig
+    from .core.config import TrainConfig
     from .train import main
 
     launch(main, TrainConfig, "Fine-tune a BERT-class classifier (bert-ft-train, python -m toolkit train).")
 
 
 def evaluate() -> None:
-    from .config import EvalConfig
+    from .core.config import EvalConfig
     from .evaluate import main
 
     launch(main, EvalConfig, "Score a trained model on an eval set (bert-ft-evaluate, python -m toolkit evaluate).")
@@ -46,8 +46,8 @@ def compare() -> None:
 def plot(argv: list[str] | None = None) -> None:
     from rich.console import Console
 
-    from .curves import main
-    from .errors import ToolkitError
+    from .output.curves import main
+    from .core.errors import ToolkitError
 
     try:
         code = main(argv)

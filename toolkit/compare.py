@@ -28,11 +28,11 @@ from accelerate.utils import broadcast_object_list
 from rich.console import Console
 from rich.markup import escape
 
-from . import report, summary
-from .config import TrainConfig, _opt, save_json
-from .errors import ToolkitError
-from .policy import Policy
-from .preemption import PREEMPTED_EXIT_CODE
+from .report import markdown as report, stats as summary
+from .core.config import TrainConfig, _opt, save_json
+from .core.errors import ToolkitError
+from .policy.policy import Policy
+from .backends.preemption import PREEMPTED_EXIT_CODE
 from .train import shared_output_dir, setup
 from .train import main as train_main
 
@@ -232,7 +232,7 @@ def main(cfg: CompareConfig) -> int:
         baseline = BASELINE if BASELINE in specs else specs[0]
         data = summary.collect(out, ordered, base.to_dict(), hardware, baseline, seeds)
         report.write_report(out, data)
-        from .chart import write_chart  # matplotlib loads only when a report is drawn
+        from .report.chart import write_chart  # matplotlib loads only when a report is drawn
 
         write_chart(data, out / "report.png")
         print(f"\n{report.markdown(data)}\nreport: {out / 'report.md'}, {out / 'report.png'}, {out / 'report.json'}",

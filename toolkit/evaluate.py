@@ -12,15 +12,16 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from . import library_metrics, logs
-from .config import DataConfig, EvalConfig, save_json
-from .distributed import main_process_first
-from .data import Collator, load_data_file, take_sample, build_splits, clean, make_loader, resolve_max_length, tokenize
-from .errors import ToolkitError
-from .loop import validate
-from .metrics import f1_average
-from .run_log import RunLog
-from .saved import Saved, load_saved
+from .engine import extra_metrics as library_metrics
+from .output import library_logs as logs
+from .core.config import DataConfig, EvalConfig, save_json
+from .backends.distributed import main_process_first
+from .data.dataset import Collator, load_data_file, take_sample, build_splits, clean, make_loader, resolve_max_length, tokenize
+from .core.errors import ToolkitError
+from .engine.loop import validate
+from .engine.metrics import f1_average
+from .output.console import RunLog
+from .engine.load import Saved, load_saved
 from .train import shared_output_dir, setup, write_predictions
 
 

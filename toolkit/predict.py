@@ -21,10 +21,10 @@ import torch
 from rich.console import Console
 from transformers.utils import logging as hf_logging
 
-from .config import _opt
-from .data import resolve_max_length
-from .errors import ToolkitError
-from .saved import LAYOUTS, load_saved
+from .core.config import _opt
+from .data.dataset import resolve_max_length
+from .core.errors import ToolkitError
+from .engine.load import LAYOUTS, load_saved
 
 TABLE_FORMATS = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True),
                  ".json": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}

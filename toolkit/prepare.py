@@ -12,9 +12,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .config import PrepareConfig
-from .data import build_splits, resolve_max_length, tokenize
-from .model import load_tokenizer, max_positions
+from .core.config import PrepareConfig
+from .data.dataset import build_splits, resolve_max_length, tokenize
+from .engine.model import load_tokenizer, max_positions
 
 
 def folder_bytes(path: Path) -> int:

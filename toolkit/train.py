@@ -21,25 +21,27 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKw
                                set_seed)
 from transformers import get_linear_schedule_with_warmup
 
-from . import checkpoint as ckpt
-from . import curves, library_metrics, logs, lora, tracking
-from .cluster import detect, export_torch_distributed_env
-from .config import TrainConfig, save_json
-from .distributed import DEFAULT_DIST_TIMEOUT_S, main_process_first, process_group_kwargs
-from .data import Collator, build_splits, make_loader, resolve_max_length, tokenize
-from .errors import ToolkitError
-from .freeze import summarize
-from .frozen_cache import FrozenCache
-from .loop import EvalResult, TrainState, fit, validate
-from .memory import reset_peak, run_memory
-from .metrics import f1_average
-from .model import build_optimizer, fsdp_wrap_classes, load_model, load_tokenizer, max_positions
-from .policy import Policy
-from .precision import (device_capability, enable_tf32, has_kernels, launcher_command_line, resolve_mixed_precision,
+from .engine import checkpoint as ckpt
+from .output import curves, library_logs as logs, trackers as tracking
+from .engine import extra_metrics as library_metrics
+from .policy import lora
+from .backends.cluster import detect, export_torch_distributed_env
+from .core.config import TrainConfig, save_json
+from .backends.distributed import DEFAULT_DIST_TIMEOUT_S, main_process_first, process_group_kwargs
+from .data.dataset import Collator, build_splits, make_loader, resolve_max_length, tokenize
+from .core.errors import ToolkitError
+from .policy.blocks import summarize
+from .engine.frozen_cache import FrozenCache
+from .engine.loop import EvalResult, TrainState, fit, validate
+from .engine.memory import reset_peak, run_memory
+from .engine.metrics import f1_average
+from .engine.model import build_optimizer, fsdp_wrap_classes, load_model, load_tokenizer, max_positions
+from .policy.policy import Policy
+from .backends.precision import (device_capability, enable_tf32, has_kernels, launcher_command_line, resolve_mixed_precision,
                         tf32_applies)
-from .preemption import PREEMPTED_EXIT_CODE, StopRequest
-from .run_log import RunLog
-from .throughput import CurrentFlops, FlopModel, device_peak_flops, disable_frozen_dropout
+from .backends.preemption import PREEMPTED_EXIT_CODE, StopRequest
+from .output.console import RunLog
+from .engine.flops import CurrentFlops, FlopModel, device_peak_flops, disable_frozen_dropout
 
 
 def setup(cpu: bool, mixed_precision: str | None, grad_accum: int = 1, dist_timeout_s: float = DEFAULT_DIST_TIMEOUT_S,

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import torch
 
-from toolkit.errors import ToolkitError
+from ..core.errors import ToolkitError
 
 MODES = ("no", "fp16", "bf16")
 

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import os
 
-    from .errors import ToolkitError
+    from ..core.errors import ToolkitError
 
     parser = argparse.ArgumentParser(
         prog="bert-ft-plot", description="Draw training curves from run folders' metrics.jsonl (several runs: overlaid).")

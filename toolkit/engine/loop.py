@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from .errors import RunFailed
+from ..core.errors import RunFailed
 from .metrics import classification_metrics
-from .preemption import StopRequest
-from .run_log import RunLog
-from .throughput import FlopModel, batch_stats
+from ..backends.preemption import StopRequest
+from ..output.console import RunLog
+from .flops import FlopModel, batch_stats
 
 NON_FINITE_EXIT_CODE = 3  # training diverged: not 0 (no result) and not 75 (a requeue would diverge again)
 

@@ -27,9 +27,9 @@ from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from .config import DataConfig
-from .errors import ToolkitError
-from .logs import tokenize_progress
+from ..core.config import DataConfig
+from ..core.errors import ToolkitError
+from ..output.library_logs import tokenize_progress
 
 FILE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 

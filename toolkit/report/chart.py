@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only: no display on clusters, in CI or in a launc
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from .summary import pct
+from .stats import pct
 
 PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974",
            "#64b5cd"]

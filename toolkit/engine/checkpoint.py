@@ -24,7 +24,7 @@ from typing import Callable
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from .errors import RunFailed, ToolkitError
+from ..core.errors import RunFailed, ToolkitError
 
 PROGRESS = "progress.json"
 SAVE_FAILED_EXIT_CODE = 4
@@ -166,7 +166,7 @@ def save_model(accelerator: Accelerator, model, tokenizer, target: Path) -> None
     process receives the full dict and writes. A LoRA model (peft) is saved merged, and
     its unmerged adapter goes next to it, to `adapter/` (see toolkit/lora.py).
     """
-    from . import lora
+    from ..policy import lora
 
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:

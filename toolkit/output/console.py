@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .freeze import FreezeSummary
+from ..policy.blocks import FreezeSummary
 
 
 class RunLog:

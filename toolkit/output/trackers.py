@@ -28,7 +28,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from .errors import ToolkitError
+from ..core.errors import ToolkitError
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 PROJECT = "bert-finetune-toolkit"  # W&B / trackio project, MLflow experiment (their env variables override it)

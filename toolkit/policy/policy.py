@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, replace
 from torch import nn
 
 from . import lora as lora_lib
-from .errors import ToolkitError
-from .freeze import POST_BLOCK_MODULES, find_blocks, head_modules
+from ..core.errors import ToolkitError
+from .blocks import POST_BLOCK_MODULES, find_blocks, head_modules
 from .lora import LoraSpec
 
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .errors import ToolkitError
-from .policy import Policy
+from ..core.errors import ToolkitError
+from ..policy.policy import Policy
 
 
 def _hub_error(name: str, exc: Exception) -> ToolkitError:
@@ -92,7 +92,7 @@ def fsdp_wrap_classes(model: nn.Module) -> list[str]:
     Accelerate falls back to _no_split_modules when the config names no class, but DistilBERT and
     DeBERTa-v2 list none (transformers 5): the whole model would be a single unit, gathered at once.
     """
-    from .freeze import find_blocks
+    from ..policy.blocks import find_blocks
 
     listed = sorted(getattr(model, "_no_split_modules", None) or [])
     return listed or sorted({type(block).__name__ for block in find_blocks(model)[1]})

@@ -36,8 +36,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import ToolkitError
-from .freeze import POST_BLOCK_MODULES, find_blocks, head_modules
+from ..core.errors import ToolkitError
+from .blocks import POST_BLOCK_MODULES, find_blocks, head_modules
 
 HEAD_FILE = "head.safetensors"
 
@@ -270,7 +270,7 @@ def load_adapter(folder: str | Path, base_model: str | None = None):
 
 def flop_model(model: nn.Module, r: int, targets: str | None = None):
     """Training FLOPs per batch of the LoRA model (FlopModel.for_lora); `model` plain or wrapped, None if not BERT-like."""
-    from .throughput import FlopModel, _linear_weights  # throughput imports policy, which imports this module
+    from ..engine.flops import FlopModel, _linear_weights  # throughput imports policy, which imports this module
 
     model = base_of(model)
     resolved = resolve_targets(model, targets)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import save_json
-from .summary import pct
+from ..core.config import save_json
+from .stats import pct
 
 
 def _fmt(value, spec: str, suffix: str = "") -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ToolkitError
+from ..core.errors import ToolkitError
 
 
 def load(names: str | None) -> list:

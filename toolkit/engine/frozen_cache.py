@@ -38,11 +38,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .data import EpochBatchSampler
-from .distributed import gather_objects
-from .errors import ToolkitError
-from .freeze import find_blocks
-from .policy import Policy
+from ..data.dataset import EpochBatchSampler
+from ..backends.distributed import gather_objects
+from ..core.errors import ToolkitError
+from ..policy.blocks import find_blocks
+from ..policy.policy import Policy
 
 
 class _Stop(Exception):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .policy import Policy
+from ..policy.policy import Policy
 
 # Dense peak throughput in TFLOPS per GPU (vendor data sheets; no structured sparsity).
 # "fp32" is plain fp32 on CUDA cores, "tf32" the tensor-core fp32 path, "half" fp16/bf16
@@ -129,7 +129,7 @@ class FlopModel:
             return None
         policy = Policy.of(policy)
         if policy.kind == "lora":  # its adapted blocks run a backward through frozen weights, plus its own matmuls
-            from .lora import flop_model
+            from ..policy.lora import flop_model
 
             return flop_model(model, policy.lora.r, policy.lora.targets)
         kind, n = policy.kind, policy.blocks

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import ToolkitError
+from ..core.errors import ToolkitError
 
 # Backbone children that run after the last block and feed the head.
 POST_BLOCK_MODULES = ("pooler", "final_norm")

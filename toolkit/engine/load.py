@@ -20,8 +20,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from transformers.utils import logging as hf_logging
 
 from .checkpoint import PROGRESS, list_checkpoints
-from .data import get_preset
-from .errors import ToolkitError
+from ..data.dataset import get_preset
+from ..core.errors import ToolkitError
 from .model import load_model, load_tokenizer
 
 LAYOUTS = "a run folder, its model/ folder, or a checkpoints/step-N folder"
@@ -126,7 +126,7 @@ def _from_checkpoint(folder: Path) -> Saved:
     finally:
         hf_logging.set_verbosity(verbosity)
     if cfg.get("freeze") == "lora":  # the checkpoint holds the PeftModel's weights: rebuild it, then merge
-        from .lora import apply_lora
+        from ..policy.lora import apply_lora
 
         model = apply_lora(model, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg.get("lora_targets"))
     missing, unexpected = model.load_state_dict(_checkpoint_weights(folder), strict=False)

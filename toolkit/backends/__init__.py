@@ -1,0 +1,1 @@
+"""What the back-ends need: DDP, DeepSpeed, FSDP, SLURM, precision, timeouts, stop requests."""

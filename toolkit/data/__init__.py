@@ -1,0 +1,1 @@
+"""Data: presets, loading, validation, tokenization and batching."""

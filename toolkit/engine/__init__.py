@@ -1,0 +1,1 @@
+"""Training and evaluation machinery: loop, model, checkpoints, frozen cache, FLOPs, metrics."""

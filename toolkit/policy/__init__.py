@@ -1,0 +1,1 @@
+"""The training policy: what trains and when, the model's block structure, LoRA."""

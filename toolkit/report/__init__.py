@@ -1,0 +1,1 @@
+"""The comparison report: statistics, markdown and charts."""
