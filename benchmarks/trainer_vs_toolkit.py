@@ -80,7 +80,7 @@ def run_trainer(args: argparse.Namespace) -> dict:
 
     from toolkit.core.config import DataConfig
     from toolkit.data.dataset import build_splits, tokenize
-    from toolkit.policy.blocks import apply_freeze
+    from toolkit.policy.policy import apply_freeze
     from toolkit.engine.metrics import classification_metrics
     from toolkit.engine.model import load_model, load_tokenizer
 

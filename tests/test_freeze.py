@@ -11,7 +11,8 @@ from transformers import (
 )
 
 from toolkit.core.errors import ToolkitError
-from toolkit.policy.blocks import apply_freeze, find_blocks
+from toolkit.policy.blocks import find_blocks
+from toolkit.policy.policy import apply_freeze
 from toolkit.policy.policy import Policy
 from toolkit.engine.model import build_optimizer
 

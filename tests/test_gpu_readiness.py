@@ -197,7 +197,7 @@ def test_cached_features_meet_16bit_weights(tiny_model):
     from datasets import Dataset
 
     from toolkit.data.dataset import Collator, tokenize
-    from toolkit.policy.blocks import apply_freeze
+    from toolkit.policy.policy import apply_freeze
     from toolkit.engine.frozen_cache import FrozenCache
     from toolkit.engine.model import load_model, load_tokenizer
 

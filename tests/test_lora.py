@@ -9,6 +9,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from test_freeze import _tiny
 from toolkit.policy import lora
 from toolkit.core.errors import ToolkitError
+from toolkit.engine.flops import lora_flop_model
 from toolkit.policy.blocks import summarize
 
 
@@ -90,7 +91,7 @@ def test_flop_model_matches_torch_flop_counter(targets):
     from torch.utils.flop_counter import FlopCounterMode
 
     model = tiny_bert(3, attn_implementation="eager")  # eager attention: its matmuls are visible to the counter
-    fm = lora.flop_model(model, 4, targets)
+    fm = lora_flop_model(model, 4, targets)
     wrapped = lora.apply_lora(model, r=4, alpha=8, dropout=0.1, targets=targets).eval()  # eval: no dropout masks
     lengths = [5, 11, 8]
     counted = 0

@@ -13,11 +13,12 @@ from torch import nn
 from conftest import accelerate_launch, python, read_json, read_predictions
 from toolkit.core.config import DataConfig, TrainConfig, parse_args
 from toolkit.data.dataset import Collator, EpochBatchSampler, build_splits, make_loader, tokenize
-from toolkit.policy.blocks import apply_freeze, find_blocks
+from toolkit.policy.blocks import find_blocks
+from toolkit.policy.policy import apply_freeze, disable_frozen_dropout
 from toolkit.engine.frozen_cache import FrozenCache
 from toolkit.engine.loop import validate
 from toolkit.engine.model import load_model, load_tokenizer
-from toolkit.engine.flops import FlopModel, disable_frozen_dropout, gpu_family, peak_flops
+from toolkit.engine.flops import FlopModel, gpu_family, peak_flops
 
 MAX_LEN = 48  # end-to-end runs
 EVAL_LEN = 192  # in-process checks: long enough that review lengths differ

@@ -67,7 +67,7 @@ class CompareConfig(TrainConfig):
 
 
 def parse_policies(text: str) -> list[Policy]:
-    """The list's policies, parsed with the spelling of toolkit/policy.py."""
+    """The list's policies, parsed with the spelling of toolkit/policy/policy.py."""
     policies = [Policy.parse(p) for p in text.split(",") if p.strip()]
     if not policies:
         raise ToolkitError("--policies is empty", "pass e.g. --policies none,last2,head")

@@ -1,4 +1,4 @@
-"""Score a trained model (run folder, model/ folder or checkpoint; see saved.py) on an eval set.
+"""Score a trained model (run folder, model/ folder or checkpoint; see engine/load.py) on an eval set.
 
 The eval set is given with the training data options (a preset, --data-dir, or any local file
 with --eval-file, alone or with --train-file), or taken from the run itself with --same-data.

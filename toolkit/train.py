@@ -36,12 +36,12 @@ from .engine.loop import EvalResult, TrainState, fit, validate
 from .engine.memory import reset_peak, run_memory
 from .engine.metrics import f1_average
 from .engine.model import build_optimizer, fsdp_wrap_classes, load_model, load_tokenizer, max_positions
-from .policy.policy import Policy
+from .policy.policy import Policy, disable_frozen_dropout
 from .backends.precision import (device_capability, enable_tf32, has_kernels, launcher_command_line, resolve_mixed_precision,
                         tf32_applies)
 from .backends.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from .output.console import RunLog
-from .engine.flops import CurrentFlops, FlopModel, device_peak_flops, disable_frozen_dropout
+from .engine.flops import CurrentFlops, FlopModel, device_peak_flops
 
 
 def setup(cpu: bool, mixed_precision: str | None, grad_accum: int = 1, dist_timeout_s: float = DEFAULT_DIST_TIMEOUT_S,

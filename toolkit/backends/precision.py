@@ -163,7 +163,7 @@ def tf32_applies(enabled: bool, capability: tuple[int, int] | None) -> bool:
 def enable_tf32() -> None:
     # The fp32 matmuls outside autocast (and all of them with --mixed-precision no) run on TF32
     # tensor cores: 10-bit mantissa products, fp32 accumulation; what HF Trainer's --tf32 does.
-    # Not `matmul.fp32_precision = "tf32"`: after the new API, reading the legacy allow_tf32 (throughput.py,
+    # Not `matmul.fp32_precision = "tf32"`: after the new API, reading the legacy allow_tf32 (engine/flops.py,
     # accelerate/state.py) raises "mix of the legacy and new APIs"; this one keeps both readable.
     torch.set_float32_matmul_precision("high")
 

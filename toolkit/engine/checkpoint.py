@@ -164,7 +164,7 @@ def save_model(accelerator: Accelerator, model, tokenizer, target: Path) -> None
 
     `get_state_dict` must run on every rank (it gathers shards); only the main
     process receives the full dict and writes. A LoRA model (peft) is saved merged, and
-    its unmerged adapter goes next to it, to `adapter/` (see toolkit/lora.py).
+    its unmerged adapter goes next to it, to `adapter/` (see toolkit/policy/lora.py).
     """
     from ..policy import lora
 

@@ -1,4 +1,4 @@
-"""Throughput bookkeeping: model FLOPs per batch, peak FLOPs per GPU, MFU; frozen-part dropout.
+"""Throughput bookkeeping: model FLOPs per batch (LoRA included), peak FLOPs per GPU, MFU.
 
 FLOPs are counted the usual MFU way (PaLM, appendix B): matrix multiplies only, on the
 *non-padding* tokens of each sequence, so padding is waste that lowers MFU, not work
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..policy import lora
+from ..policy.blocks import find_blocks, head_modules
 from ..policy.policy import Policy
 
 # Dense peak throughput in TFLOPS per GPU (vendor data sheets; no structured sparsity).
@@ -78,7 +80,7 @@ def device_peak_flops(device: torch.device, mixed_precision: str) -> float | Non
                       allow_tf32=torch.backends.cuda.matmul.allow_tf32)
 
 
-def _linear_weights(module: nn.Module | None) -> int:
+def linear_weights(module: nn.Module | None) -> int:
     if module is None:
         return 0
     return sum(m.weight.numel() if getattr(m, "weight", None) is not None and m.weight.dim() == 2 else 0
@@ -129,16 +131,14 @@ class FlopModel:
             return None
         policy = Policy.of(policy)
         if policy.kind == "lora":  # its adapted blocks run a backward through frozen weights, plus its own matmuls
-            from ..policy.lora import flop_model
-
-            return flop_model(model, policy.lora.r, policy.lora.targets)
+            return lora_flop_model(model, policy.lora.r, policy.lora.targets)
         kind, n = policy.kind, policy.blocks
         trainable_layers = {"none": layers, "head": 0}.get(kind, min(n, layers))
         base = getattr(model, "base_model", model)
         pooler = getattr(base, "pooler", None)
         head = [m for name, m in model.named_children() if name != getattr(model, "base_model_prefix", None)]
-        return cls.for_encoder(hidden, ffn, layers, trainable_layers, _linear_weights(pooler), kind != "head",
-                               sum(_linear_weights(m) for m in head), embeddings_trained=kind == "none",
+        return cls.for_encoder(hidden, ffn, layers, trainable_layers, linear_weights(pooler), kind != "head",
+                               sum(linear_weights(m) for m in head), embeddings_trained=kind == "none",
                                cached_prefix=cached_prefix)
 
     @classmethod
@@ -198,9 +198,6 @@ def batch_stats(attention_mask: torch.Tensor) -> torch.Tensor:
                         (lengths * lengths).sum(), torch.full_like(total, lengths.numel())])
 
 
-# ---------------------------------------------------------------- the frozen part
-
-
 class CurrentFlops:
     """The FLOP count of the trainable set in force: gradual unfreezing swaps `model` at every thaw."""
 
@@ -214,21 +211,22 @@ class CurrentFlops:
         return self.model.flops(tokens, len_sq, seqs) if self.model else 0.0
 
 
-def disable_frozen_dropout(model: nn.Module, policy: "Policy | str") -> int:
-    """Set p=0 on every dropout inside the frozen part; returns how many were changed.
+def lora_flop_model(model: nn.Module, r: int, targets: str | None = None):
+    """Training FLOPs per batch of the LoRA model (FlopModel.for_lora); `model` plain or wrapped, None if not BERT-like."""
+    model = lora.base_of(model)
+    resolved = lora.resolve_targets(model, targets)
+    cfg = model.config
+    hidden = lora.hidden_size(model)
+    ffn = getattr(cfg, "intermediate_size", None) or getattr(cfg, "hidden_dim", None)
+    if not (hidden and ffn):
+        return None
+    block_path, blocks = find_blocks(model)
+    lead = f"{model.base_model_prefix}.{block_path}."
+    adapters: list[dict[str, int]] = [{} for _ in blocks]
+    for name, role in resolved.items():
+        block = adapters[int(name[len(lead):].split(".")[0])]
+        block[role] = block.get(role, 0) + r
+    pooler = getattr(model.base_model, "pooler", None)
+    head = sum(linear_weights(m) for m in head_modules(model).values())
+    return FlopModel.for_lora(hidden, ffn, adapters, linear_weights(pooler), head)
 
-    The frozen part is what the run never trains (Policy.frozen_prefix): blocks a gradual
-    schedule thaws later keep their dropout. Frozen parameters never change, but dropout still runs in the frozen layers in training
-    mode: that is random-mask generation on every activation and, on CPU, it keeps PyTorch's
-    scaled-dot-product attention on its slow "math" kernel (the fused kernel has no dropout).
-    With p=0 the frozen part computes exactly what it computes in eval mode. train.py does this
-    by default (--frozen-dropout keeps the seeds' behaviour); measured F1 is the same within seed noise.
-    The module objects are untouched, so DDP / DeepSpeed wrapping and saving are unaffected.
-    """
-    changed = 0
-    for part in Policy.of(policy).frozen_prefix(model):
-        for module in part.modules():
-            if isinstance(module, nn.Dropout) and module.p > 0:
-                module.p = 0.0
-                changed += 1
-    return changed

@@ -33,7 +33,7 @@ class TrainState:
     world_size: int = 1
     tokens_seen: int = 0  # non-padding training tokens, all ranks
     padded_tokens_seen: int = 0  # training tokens including padding, all ranks
-    model_flops: float = 0.0  # training FLOPs as counted in throughput.py, all ranks
+    model_flops: float = 0.0  # training FLOPs as counted in engine/flops.py, all ranks
 
     def to_dict(self) -> dict:
         return asdict(self)

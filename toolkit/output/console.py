@@ -12,8 +12,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..policy.blocks import FreezeSummary
-
 
 class RunLog:
     """What a run shows (rank 0 only, so N ranks do not print N copies) and records in metrics.jsonl."""
@@ -50,7 +48,8 @@ class RunLog:
                       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.trackers.log(values, step=entry.get("step"))
 
-    def freeze_table(self, summary: FreezeSummary) -> None:
+    def freeze_table(self, summary) -> None:
+        """The per-group trainable table of a policy.blocks.FreezeSummary."""
         table = Table(title=f"freeze policy: {summary.policy}")
         table.add_column("parameter group")
         table.add_column("trainable", justify="right")

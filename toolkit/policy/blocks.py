@@ -1,6 +1,6 @@
-"""Freeze policies, found from the model's module structure.
+"""The model's block structure, found from its modules, and the per-group trainable table.
 
-Static policies (toolkit/policy.py parses them and adds LLRD and gradual unfreezing):
+What the static policies select (policy.py parses them and adds LLRD and gradual unfreezing):
   none   train every parameter.
   lastN  train the last N encoder blocks, what runs after them (BERT's pooler,
          ModernBERT's final norm) and the task head.
@@ -61,15 +61,6 @@ def head_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Top-level modules outside the backbone (the randomly initialised task head)."""
     prefix = model.base_model_prefix
     return {name: m for name, m in model.named_children() if name != prefix and any(True for _ in m.parameters())}
-
-
-def apply_freeze(model: nn.Module, policy) -> FreezeSummary:
-    """Set requires_grad per a static policy (a Policy, or its spelling) and summarise the result per group."""
-    from .policy import Policy  # policy.py builds on this module's structure helpers
-
-    policy = Policy.of(policy)
-    policy.apply(model)
-    return summarize(model, policy.spec)
 
 
 def _group(name: str, block_path: str | None) -> str:

@@ -13,7 +13,7 @@ LoRA parameters per block as query + value apart, r x (d + 3d) = 2 x r x (d + d)
 match at least one Linear layer.
 
 Trained. peft marks only `lora_A`/`lora_B` trainable. The task head (every module outside
-`base_model`, see freeze.head_modules) and the modules after the blocks (BERT's pooler,
+`base_model`, see blocks.head_modules) and the modules after the blocks (BERT's pooler,
 ModernBERT's final norm) are then set trainable here, by module, never by peft's
 `modules_to_save` name guess (which looks for `classifier`/`score` and misses DistilBERT's
 `pre_classifier` or a pretrained pooler).
@@ -62,7 +62,7 @@ def check_options(r: int, alpha: float, dropout: float) -> None:
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """The --lora-* settings: the LoRA part of a Policy (toolkit/policy.py)."""
+    """The --lora-* settings: the LoRA part of a Policy (toolkit/policy/policy.py)."""
 
     r: int = 8
     alpha: float = 16.0
@@ -97,7 +97,7 @@ def _linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
     return found
 
 
-def _hidden_size(model: nn.Module) -> int | None:
+def hidden_size(model: nn.Module) -> int | None:
     cfg = getattr(model, "config", None)
     return getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", None)
 
@@ -126,7 +126,7 @@ def resolve_targets(model: nn.Module, targets: str | None = None) -> dict[str, s
     model = base_of(model)
     prefix = model.base_model_prefix
     block_path, blocks = find_blocks(model)
-    hidden = _hidden_size(model)
+    hidden = hidden_size(model)
     cfg = model.config
     ffn = getattr(cfg, "intermediate_size", None) or getattr(cfg, "hidden_dim", None)
     wanted = None if targets is None else [t.strip() for t in targets.split(",") if t.strip()]
@@ -266,26 +266,3 @@ def load_adapter(folder: str | Path, base_model: str | None = None):
                            "load the adapter onto the base model it was trained from")
     base.load_state_dict(load_file(folder / HEAD_FILE), strict=False)
     return peft.PeftModel.from_pretrained(base, folder).eval()
-
-
-def flop_model(model: nn.Module, r: int, targets: str | None = None):
-    """Training FLOPs per batch of the LoRA model (FlopModel.for_lora); `model` plain or wrapped, None if not BERT-like."""
-    from ..engine.flops import FlopModel, _linear_weights  # throughput imports policy, which imports this module
-
-    model = base_of(model)
-    resolved = resolve_targets(model, targets)
-    cfg = model.config
-    hidden = _hidden_size(model)
-    ffn = getattr(cfg, "intermediate_size", None) or getattr(cfg, "hidden_dim", None)
-    if not (hidden and ffn):
-        return None
-    block_path, blocks = find_blocks(model)
-    lead = f"{model.base_model_prefix}.{block_path}."
-    adapters: list[dict[str, int]] = [{} for _ in blocks]
-    for name, role in resolved.items():
-        block = adapters[int(name[len(lead):].split(".")[0])]
-        block[role] = block.get(role, 0) + r
-    pooler = getattr(model.base_model, "pooler", None)
-    head = sum(_linear_weights(m) for m in head_modules(model).values())
-    return FlopModel.for_lora(hidden, ffn, adapters, _linear_weights(pooler), head)
-

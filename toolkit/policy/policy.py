@@ -14,7 +14,7 @@ Spelling (one grammar for `compare --policies`; `train` takes the same pieces as
 
   none | head | lastN                    static (`--freeze`)
   lora                                   LoRA adapters + head + pooler (`--freeze lora`, settings from
-                                         the --lora-* flags, see toolkit/lora.py); static, no LLRD
+                                         the --lora-* flags, see toolkit/policy/lora.py); static, no LLRD
   START>TARGET@N                         gradual: START, then every N optimizer steps the next
                                          block from the top thaws (the pooler with the first)
                                          until TARGET (`--unfreeze-every N --unfreeze-to TARGET`)
@@ -35,7 +35,7 @@ from torch import nn
 
 from . import lora as lora_lib
 from ..core.errors import ToolkitError
-from .blocks import POST_BLOCK_MODULES, find_blocks, head_modules
+from .blocks import POST_BLOCK_MODULES, FreezeSummary, find_blocks, head_modules, summarize
 from .lora import LoraSpec
 
 
@@ -377,3 +377,33 @@ def _level(policy: Policy, num_blocks: int) -> int:
 
 def _at_level(level: int, num_blocks: int) -> Policy:
     return Policy("head") if level == 0 else Policy("none") if level > num_blocks else Policy("last", level)
+
+
+# ------------------------------------------------------------------ helpers for a model and a policy
+
+
+def apply_freeze(model: nn.Module, policy) -> FreezeSummary:
+    """Set requires_grad per a static policy (a Policy, or its spelling) and summarise the result per group."""
+    policy = Policy.of(policy)
+    policy.apply(model)
+    return summarize(model, policy.spec)
+
+
+def disable_frozen_dropout(model: nn.Module, policy: "Policy | str") -> int:
+    """Set p=0 on every dropout inside the frozen part; returns how many were changed.
+
+    The frozen part is what the run never trains (Policy.frozen_prefix): blocks a gradual
+    schedule thaws later keep their dropout. Frozen parameters never change, but dropout still runs in the frozen layers in training
+    mode: that is random-mask generation on every activation and, on CPU, it keeps PyTorch's
+    scaled-dot-product attention on its slow "math" kernel (the fused kernel has no dropout).
+    With p=0 the frozen part computes exactly what it computes in eval mode. train.py does this
+    by default (--frozen-dropout keeps the seeds' behaviour); measured F1 is the same within seed noise.
+    The module objects are untouched, so DDP / DeepSpeed wrapping and saving are unaffected.
+    """
+    changed = 0
+    for part in Policy.of(policy).frozen_prefix(model):
+        for module in part.modules():
+            if isinstance(module, nn.Dropout) and module.p > 0:
+                module.p = 0.0
+                changed += 1
+    return changed
