@@ -59,7 +59,7 @@ def environment() -> dict:
     import torch.distributed as dist
     from torch.distributed.constants import default_pg_nccl_timeout
 
-    from toolkit.backends.distributed import DEFAULT_DATA_TIMEOUT_S, DEFAULT_DIST_TIMEOUT_S
+    from toolkit.core.config import DEFAULT_DATA_TIMEOUT_S, DEFAULT_DIST_TIMEOUT_S
 
     cap = torch.cuda.get_device_capability()
     version = torch.cuda.nccl.version() if dist.is_nccl_available() else None

@@ -25,7 +25,8 @@ from toolkit.engine import checkpoint as ckpt
 from toolkit.cli import run
 from toolkit.core.config import DataConfig, TrainConfig
 from toolkit.core.errors import RunFailed, ToolkitError
-from toolkit.engine.loop import NON_FINITE_EXIT_CODE, StepGuard, TrainState, fit, validate
+from toolkit.core.exit_codes import DIVERGED as NON_FINITE_EXIT_CODE
+from toolkit.engine.loop import StepGuard, TrainState, fit, validate
 from toolkit.train import default_num_workers
 from toolkit.train import main as train_main
 

@@ -1,4 +1,4 @@
-"""Entry-point glue: parse the dataclass arguments, run, turn ToolkitError into exit 2."""
+"""Entry-point glue: parse the dataclass arguments, run, turn ToolkitError into exit 2 (core/exit_codes.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .core.config import parse_args
+from .core import exit_codes
 from .core.errors import RunFailed, ToolkitError
 
 
@@ -26,7 +27,7 @@ def run(main: Callable[[object], int], config_cls: type, description: str, argv:
             console.print(f"[bold red]error:[/bold red] {escape(err.problem)}", markup=True)
             if err.fix:
                 console.print(f"[bold]fix:[/bold] {escape(err.fix)}")
-        return err.exit_code if isinstance(err, RunFailed) else 2
+        return err.exit_code if isinstance(err, RunFailed) else exit_codes.BAD_INPUT
 
 
 def launch(main: Callable[[object], int], config_cls: type, description: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 from .cli import launch
+from .core import exit_codes
 
 
 def train() -> None:
@@ -55,7 +56,7 @@ def plot(argv: list[str] | None = None) -> None:
         console = Console(stderr=True, highlight=False)
         console.print(f"[bold red]error:[/bold red] {err.problem}")
         console.print(f"[bold]fix:[/bold] {err.fix}")
-        code = 2
+        code = exit_codes.BAD_INPUT
     sys.exit(code)
 
 
@@ -67,7 +68,7 @@ def dispatch() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(f"usage: python -m toolkit {{{','.join(COMMANDS)}}} [options]   (COMMAND --help for its options)",
               file=sys.stderr)
-        sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
+        sys.exit(exit_codes.OK if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else exit_codes.BAD_INPUT)
     command = sys.argv.pop(1)
     sys.argv[0] = f"toolkit {command}"
     COMMANDS[command]()

@@ -29,10 +29,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from .report import markdown as report, stats as summary
-from .core.config import TrainConfig, _opt, save_json
+from .core import exit_codes
+from .core.config import TrainConfig, option, save_json
 from .core.errors import ToolkitError
 from .policy.policy import Policy
-from .backends.preemption import PREEMPTED_EXIT_CODE
 from .train import shared_output_dir, setup
 from .train import main as train_main
 
@@ -46,19 +46,19 @@ LORA_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.nam
 
 @dataclass
 class CompareConfig(TrainConfig):
-    policies: str = _opt("none,last2,head", "comma-separated policies to train one after another: none, head, lastN, "
+    policies: str = option("none,last2,head", "comma-separated policies to train one after another: none, head, lastN, "
                                             "lora (with the --lora-* settings), +llrdF for layer-wise lr decay "
                                             "(last2+llrd0.9), START>TARGET@N for gradual unfreezing every N steps "
                                             "(head>none@50); 'none' (else the first one listed) is the baseline for the "
                                             "paired F1 change and speed-up")
-    seeds: Optional[str] = _opt(None, "comma-separated training seeds, every policy trained once per seed "
+    seeds: Optional[str] = option(None, "comma-separated training seeds, every policy trained once per seed "
                                       "(e.g. 42,43,44; default: --seed alone); the data rows stay those of --data-seed")
-    repeats: Optional[int] = _opt(None, "train every policy with K seeds: --seed, --seed+1, ..., --seed+K-1")
+    repeats: Optional[int] = option(None, "train every policy with K seeds: --seed, --seed+1, ..., --seed+K-1")
     # replaced by --policies; given anyway -> a clear error
-    freeze: Optional[str] = _opt(None, argparse.SUPPRESS)
-    layer_lr_decay: Optional[float] = _opt(None, argparse.SUPPRESS)
-    unfreeze_every: Optional[int] = _opt(None, argparse.SUPPRESS)
-    unfreeze_to: Optional[str] = _opt(None, argparse.SUPPRESS)
+    freeze: Optional[str] = option(None, argparse.SUPPRESS)
+    layer_lr_decay: Optional[float] = option(None, argparse.SUPPRESS)
+    unfreeze_every: Optional[int] = option(None, argparse.SUPPRESS)
+    unfreeze_to: Optional[str] = option(None, argparse.SUPPRESS)
 
     def resolve_output_dir(self) -> Path:
         if self.output_dir is None:
@@ -214,9 +214,9 @@ def main(cfg: CompareConfig) -> int:
                     traceback.print_exc()
             result = None
         _free_memory()
-        if result == PREEMPTED_EXIT_CODE:
+        if result == exit_codes.PREEMPTED:
             record.update(status="interrupted", error="stopped by a stop request; checkpoint saved")
-            code = PREEMPTED_EXIT_CODE
+            code = exit_codes.PREEMPTED
             break
         if result == 0:
             record["status"] = "trained"
@@ -244,7 +244,7 @@ def main(cfg: CompareConfig) -> int:
     accelerator.wait_for_everyone()
     if code:
         return code
-    return 1 if any(r["status"] == "failed" for r in records.values()) else 0
+    return exit_codes.SOME_RUNS_FAILED if any(r["status"] == "failed" for r in records.values()) else exit_codes.OK
 
 
 def _describe(exc: Exception) -> str:

@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from transformers.utils import logging as hf_logging
 
-from .core.config import _opt
+from .core.config import option
 from .data.dataset import resolve_max_length
 from .core.errors import ToolkitError
 from .engine.load import LAYOUTS, load_saved
@@ -33,13 +33,13 @@ OUTPUT_FORMATS = (".csv", ".jsonl")
 
 @dataclass
 class PredictConfig:
-    model: str = _opt(None, f"trained model: {LAYOUTS}", required=True)
-    input: str = _opt("-", "texts: .txt (one per line), .csv, .jsonl, .parquet, or '-' for one per line on stdin")
-    output: Optional[str] = _opt(None, "result file, .csv or .jsonl (default: JSON Lines on stdout)")
-    text_column: str = _opt("text", "text column of a .csv / .jsonl / .parquet input")
-    batch_size: int = _opt(32, "texts per forward pass")
-    max_length: Optional[int] = _opt(None, "truncate to this many tokens (default: what the model was trained with)")
-    cpu: bool = _opt(False, "run on CPU even if a GPU is visible")
+    model: str = option(None, f"trained model: {LAYOUTS}", required=True)
+    input: str = option("-", "texts: .txt (one per line), .csv, .jsonl, .parquet, or '-' for one per line on stdin")
+    output: Optional[str] = option(None, "result file, .csv or .jsonl (default: JSON Lines on stdout)")
+    text_column: str = option("text", "text column of a .csv / .jsonl / .parquet input")
+    batch_size: int = option(32, "texts per forward pass")
+    max_length: Optional[int] = option(None, "truncate to this many tokens (default: what the model was trained with)")
+    cpu: bool = option(False, "run on CPU even if a GPU is visible")
 
 
 def read_texts(source: str, column: str) -> list[tuple[int, str]]:

@@ -26,8 +26,9 @@ from .output import curves, library_logs as logs, trackers as tracking
 from .engine import extra_metrics as library_metrics
 from .policy import lora
 from .backends.cluster import detect, export_torch_distributed_env
-from .core.config import TrainConfig, save_json
-from .backends.distributed import DEFAULT_DIST_TIMEOUT_S, main_process_first, process_group_kwargs
+from .core import exit_codes
+from .core.config import DEFAULT_DIST_TIMEOUT_S, TrainConfig, save_json
+from .backends.distributed import main_process_first, process_group_kwargs
 from .data.dataset import Collator, build_splits, make_loader, resolve_max_length, tokenize
 from .core.errors import ToolkitError
 from .policy.blocks import summarize
@@ -39,7 +40,7 @@ from .engine.model import build_optimizer, fsdp_wrap_classes, load_model, load_t
 from .policy.policy import Policy, disable_frozen_dropout
 from .backends.precision import (device_capability, enable_tf32, has_kernels, launcher_command_line, resolve_mixed_precision,
                         tf32_applies)
-from .backends.preemption import PREEMPTED_EXIT_CODE, StopRequest
+from .backends.preemption import StopRequest
 from .output.console import RunLog
 from .engine.flops import CurrentFlops, FlopModel, device_peak_flops
 
@@ -340,8 +341,8 @@ def main(cfg: TrainConfig) -> int:
                  on_step=thaw if policy.gradual else None)
     if status == "preempted":
         tracking.finish(accelerator, run_log)
-        run_log.print(f"[yellow]checkpoint saved; exiting with {PREEMPTED_EXIT_CODE} so the job can be requeued[/yellow]")
-        return PREEMPTED_EXIT_CODE
+        run_log.print(f"[yellow]checkpoint saved; exiting with {exit_codes.PREEMPTED} so the job can be requeued[/yellow]")
+        return exit_codes.PREEMPTED
 
     # ---- final outputs (the eval is cheap next to training and makes the files self-consistent)
     result = evaluate(state.epoch)

@@ -21,8 +21,8 @@ from typing import Any, Iterator
 import torch.distributed as dist
 from accelerate.utils import InitProcessGroupKwargs
 
-DEFAULT_DIST_TIMEOUT_S = 1800  # the main group: any collective that waits longer is a hang
-DEFAULT_DATA_TIMEOUT_S = 6 * 3600  # rank 0 loading and tokenizing while the others wait
+from ..core.config import DEFAULT_DATA_TIMEOUT_S
+
 
 _cpu_group: list[Any] = []  # created once per process, on first use
 

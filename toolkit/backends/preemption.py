@@ -2,7 +2,7 @@
 
 The handler only sets a flag; the training loop checks it at step boundaries, all
 ranks agree (any rank asking is enough), a checkpoint is saved, and the process exits
-with PREEMPTED_EXIT_CODE so the batch script knows to requeue rather than give up.
+with exit_codes.PREEMPTED (75) so the batch script knows to requeue rather than give up.
 The stop file exists because `sbatch --signal=B:USR1` reaches only the batch shell;
 touching a file on the shared filesystem reaches every rank on every node.
 """
@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
 
 
 class StopRequest:

@@ -16,10 +16,16 @@ from pathlib import Path
 from typing import Any, Optional, get_type_hints
 
 DEFAULT_MODEL = "bert-base-cased"
+DEFAULT_DIST_TIMEOUT_S = 1800  # the main process group: any collective that waits longer is a hang
+DEFAULT_DATA_TIMEOUT_S = 6 * 3600  # rank 0 loading and tokenizing while the others wait
 
 
-def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A settings field: its default, its --help text and any argparse keywords (type, choices, required)."""
     return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+_opt = option  # the short spelling the fields below use
 
 
 @dataclass
@@ -40,7 +46,7 @@ class DataConfig:
     eval_samples: Optional[int] = _opt(None, "number of evaluation examples (default: the preset's)")
     max_length: Optional[int] = _opt(None, "truncate to this many tokens (default: the model's maximum)")
     data_seed: int = _opt(42, "seed for subset sampling and splits (the seed recipe uses 42)")
-    data_timeout: float = _opt(6 * 3600, "seconds the other processes wait for rank 0 to load and tokenize the data "
+    data_timeout: float = _opt(DEFAULT_DATA_TIMEOUT_S, "seconds the other processes wait for rank 0 to load and tokenize the data "
                                          "(on a gloo group of its own, apart from --dist-timeout)")
     num_proc: Optional[int] = _opt(None, "processes for tokenization (default: the CPU cores this process may use, "
                                          "at most 8, and 1 below 20k rows)")
@@ -77,7 +83,7 @@ class TrainConfig:
     seed: int = _opt(42, "seed for initialisation, dropout and data order")
     cpu: bool = _opt(False, "run on CPU even if a GPU is visible (automatic when none is)")
     tf32: bool = _opt(True, "fp32 matmuls on TF32 tensor cores on GPUs with compute capability >= 8.0 (--no-tf32: full fp32)")
-    dist_timeout: float = _opt(1800, "seconds a collective may wait for the other processes before the run fails "
+    dist_timeout: float = _opt(DEFAULT_DIST_TIMEOUT_S, "seconds a collective may wait for the other processes before the run fails "
                                      "(the process group's timeout; the data phase has --data-timeout)")
     output_dir: Optional[str] = _opt(None, "run folder (default: runs/<task>-<freeze>-<time>)")
     resume_from: Optional[str] = _opt(None, "checkpoint folder, or 'auto' for the newest one in --output-dir")
@@ -123,7 +129,7 @@ class EvalConfig:
     mixed_precision: Optional[str] = _opt(None, "no | fp16 | bf16")
     cpu: bool = _opt(False, "run on CPU even if a GPU is visible")
     tf32: bool = _opt(True, "fp32 matmuls on TF32 tensor cores on GPUs with compute capability >= 8.0 (--no-tf32: full fp32)")
-    dist_timeout: float = _opt(1800, "seconds a collective may wait for the other processes (process-group timeout)")
+    dist_timeout: float = _opt(DEFAULT_DIST_TIMEOUT_S, "seconds a collective may wait for the other processes (process-group timeout)")
     seed: int = _opt(42, "seed")
     output_dir: Optional[str] = _opt(None, "where metrics.json and predictions.csv go (default: runs/eval-<task>-<time>)")
     metrics: Optional[str] = _opt(None, "extra metrics from the `evaluate` library (see train --help)")

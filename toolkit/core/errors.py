@@ -1,9 +1,11 @@
-"""One exception type for every user-facing problem.
+"""One exception type for every user-facing problem, and one for a run that cannot give a result.
 
-Launch scripts catch it, print the message (problem + fix) and exit with status 2,
-before any training starts and before anything is written that could look like a
-valid checkpoint.
+Launch scripts catch ToolkitError, print the message (problem + fix) and exit with status 2
+(exit_codes.BAD_INPUT), before any training starts and before anything is written that could
+look like a valid checkpoint.
 """
+
+from . import exit_codes
 
 
 class ToolkitError(Exception):
@@ -23,7 +25,7 @@ class RunFailed(Exception):
     never 0 (nothing valid was produced) and never 75 (a requeue would fail the same way).
     """
 
-    def __init__(self, problem: str, fix: str | None = None, exit_code: int = 3):
+    def __init__(self, problem: str, fix: str | None = None, exit_code: int = exit_codes.DIVERGED):
         self.problem = problem
         self.fix = fix
         self.exit_code = exit_code

@@ -24,10 +24,10 @@ from typing import Callable
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from ..core import exit_codes
 from ..core.errors import RunFailed, ToolkitError
 
 PROGRESS = "progress.json"
-SAVE_FAILED_EXIT_CODE = 4
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -85,7 +85,7 @@ def _all_ok(accelerator: Accelerator, tmp: Path, work: Callable[[], object] | No
                     f"{'; '.join(errors)}. Stopped; the checkpoints saved before are untouched",
                     "free disk space or make the output folder writable (check quota and permissions, "
                     "and that nothing is in the way of the checkpoint folder), then --resume-from auto",
-                    exit_code=SAVE_FAILED_EXIT_CODE)
+                    exit_code=exit_codes.SAVE_FAILED)
 
 
 def file_digests(folder: Path) -> dict[str, dict]:

@@ -12,14 +12,12 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from ..core import exit_codes
 from ..core.errors import RunFailed
 from .metrics import classification_metrics
 from ..backends.preemption import StopRequest
 from ..output.console import RunLog
 from .flops import FlopModel, batch_stats
-
-NON_FINITE_EXIT_CODE = 3  # training diverged: not 0 (no result) and not 75 (a requeue would diverge again)
-
 
 @dataclass
 class TrainState:
@@ -88,7 +86,7 @@ def validate(accelerator: Accelerator, model, loader, num_labels: int, num_examp
                         "NaN/inf logits): the weights have diverged; nothing was saved from them",
                         "lower --lr or keep --max-grad-norm; use bf16 rather than fp16; "
                         "--resume-from auto restarts from the last good checkpoint",
-                        exit_code=NON_FINITE_EXIT_CODE)
+                        exit_code=exit_codes.DIVERGED)
     runtime = time.perf_counter() - start
     labels, preds = all_rows[first, 1], all_rows[first, 2]
     metrics = classification_metrics(labels, preds, num_labels, label_names)
@@ -156,7 +154,7 @@ def diverged(problem: str, step: int, lr: float, mixed_precision: str) -> RunFai
     return RunFailed(f"{problem} at optimizer step {step} (learning rate {lr:.3g}). Stopped before saving anything "
                      "from these weights: earlier checkpoints are untouched; no metrics.json, predictions.csv or model/",
                      f"{advice}; then --resume-from auto continues from that checkpoint",
-                     exit_code=NON_FINITE_EXIT_CODE)
+                     exit_code=exit_codes.DIVERGED)
 
 
 def clip_parameters(accelerator: Accelerator, model, optimizer=None) -> list:
