@@ -41,7 +41,8 @@ def main() -> None:
             F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop).sum().backward()
         print(f"attention forward+backward, dropout {p_drop}: {timed(step) * 1e3:7.1f} ms")
     probs = torch.empty(args.batch, 12, args.length, args.length)
-    print(f"dropout mask for the attention probabilities (bernoulli_): {timed(lambda: probs.bernoulli_(0.9)) * 1e3:7.1f} ms")
+    print("dropout mask for the attention probabilities (bernoulli_): "
+          f"{timed(lambda: probs.bernoulli_(0.9)) * 1e3:7.1f} ms")
 
     from transformers import AutoModelForSequenceClassification
 
@@ -58,7 +59,8 @@ def main() -> None:
         with torch.no_grad():
             fwd = timed(lambda: model(**batch))
         both = timed(lambda: model(**batch).loss.backward())
-        print(f"whole model, {'train' if train else 'eval '} mode: forward {fwd:6.2f} s, forward+backward {both:6.2f} s")
+        mode = "train" if train else "eval "
+        print(f"whole model, {mode} mode: forward {fwd:6.2f} s, forward+backward {both:6.2f} s")
 
 
 if __name__ == "__main__":

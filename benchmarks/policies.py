@@ -117,7 +117,8 @@ def main() -> None:
     parser.add_argument("--order", choices=("seed-major", "policy-major"), default="seed-major",
                         help="seed-major interleaves the policies, so a load change hits all of them alike")
     parser.add_argument("--table", metavar="JSON", nargs="+",
-                        help="print the table of one or more result files (e.g. a second lr for some policies) and exit")
+                        help="print the table of one or more result files (e.g. a second lr for some policies) "
+                             "and exit")
     parser.add_argument("--output", help="result file (default benchmarks/results/policies/<time>.json)")
     args = parser.parse_args()
     if args.table:
@@ -130,7 +131,8 @@ def main() -> None:
     policies = [Policy.parse(p) for p in args.policies.split(",") if p.strip()]
     lrs = {Policy.parse(k).spec: float(v) for k, v in (item.rsplit("=", 1) for item in args.lr_for)}
     seeds = [int(s) for s in args.seeds.split(",")]
-    out_file = Path(args.output or ROOT / "benchmarks" / "results" / "policies" / f"{time.strftime('%Y%m%d-%H%M%S')}.json")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_file = Path(args.output or ROOT / "benchmarks" / "results" / "policies" / f"{stamp}.json")
     out_file.parent.mkdir(parents=True, exist_ok=True)
     result = {"command": " ".join(sys.argv), "settings": {k: v for k, v in vars(args).items() if k != "table"},
               "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
@@ -143,7 +145,8 @@ def main() -> None:
             result["runs"].append(run)
             print(f"{policy.spec:>22} seed {seed}: F1 {run['f1']:.3f}, {run['train_samples_per_s']:.1f} samples/s, "
                   f"RSS {run['peak_rss_mib']:.0f} MiB, load {run['load_before']:.1f}", flush=True)
-            out_file.write_text(json.dumps(result, indent=2) + "\n")  # after every run: a stopped benchmark keeps its runs
+            # after every run: a stopped benchmark keeps its runs
+            out_file.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{table([result])}\n\nwritten: {out_file}")
 
 

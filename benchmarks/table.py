@@ -36,8 +36,8 @@ def rows(path: Path) -> list[str]:
         b = [r for r in runs if r["arm"] == arm]
         base_name = f"{base} (bf16)" if base == "trainer" and s.get("trainer_bf16") else base
         out.append(
-            f"| {_cpu(d['machine'])} | {s['freeze']} | {s['max_length']} | {s['train_samples']}/{s['eval_samples']} | {s['lr']:g} | "
-            f"{s['epochs']} | {base_name} vs {arm} | {_m([r['train_samples_per_s'] for r in a])} → "
+            f"| {_cpu(d['machine'])} | {s['freeze']} | {s['max_length']} | {s['train_samples']}/{s['eval_samples']} | "
+            f"{s['lr']:g} | {s['epochs']} | {base_name} vs {arm} | {_m([r['train_samples_per_s'] for r in a])} → "
             f"{_m([r['train_samples_per_s'] for r in b])} | {_r(ratio['train_samples_per_s'])} | "
             f"{_m([r['eval_samples_per_s'] for r in a], 1)} → {_m([r['eval_samples_per_s'] for r in b], 1)} | "
             f"{_r(ratio['eval_samples_per_s'])} | {_m([r['f1'] for r in a], 3)} → {_m([r['f1'] for r in b], 3)} | "
@@ -48,14 +48,15 @@ def rows(path: Path) -> list[str]:
 
 
 def _cpu(machine: dict) -> str:
-    name = "GPU " + machine["gpu"] if machine.get("gpu") else machine["cpu"].replace("(R)", "").replace(" Processor", "")
+    name = "GPU " + machine["gpu"] if machine.get("gpu") else machine["cpu"].replace("(R)", "").replace(" Processor",
+                                                                                                        "")
     simd = machine.get("simd")  # not recorded by the first runs (a Xeon with AMX-BF16 and AVX-512)
     return f"{name} ({', '.join(simd[:1])})" if simd else name
 
 
-HEADER = ("| CPU | freeze | max len | train/eval rows | lr | epochs | arms (A vs B) | train samples/s A → B | train ×, median (min–max) "
-          "| eval samples/s A → B | eval ×, median (min–max) | F1 A → B (median) | accuracy A → B | total s A → B "
-          "| max load |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| CPU | freeze | max len | train/eval rows | lr | epochs | arms (A vs B) | train samples/s A → B | train ×, "
+          "median (min–max) | eval samples/s A → B | eval ×, median (min–max) | F1 A → B (median) | accuracy A → B | "
+          "total s A → B | max load |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv: list[str]) -> None:

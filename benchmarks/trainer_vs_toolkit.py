@@ -13,9 +13,9 @@ in machine load does not favour one side), each in a fresh process:
             (--arm NAME="FLAGS" adds toolkit arms with extra flags, e.g. bf16 or --cache-frozen).
 
 Repeat r uses seed + r on every arm (training seed: init of the head, dropout, batch order),
-so the F1 medians span seeds. Both get the identical rows: the toolkit's imdb-subset sampling (balanced, data seed 42) and
-tokenization (truncation at --max-length, no padding). Train samples/s is training time only
-(for the Trainer: on_epoch_begin..on_epoch_end, which excludes its end-of-epoch evaluation;
+so the F1 medians span seeds. Both get the identical rows: the toolkit's imdb-subset sampling
+(balanced, data seed 42) and tokenization (truncation at --max-length, no padding). Train samples/s
+is training time only (for the Trainer: on_epoch_begin..on_epoch_end, which excludes its end-of-epoch evaluation;
 its own `train_samples_per_second`, which includes that evaluation, is recorded too). Eval
 samples/s is the end-of-epoch evaluation of each side. Prints every run, then per arm
 min/median/max, and the ratios arm/baseline (per repeat pair) with min/median/max; writes
@@ -57,7 +57,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--same-seed", action="store_true",
-                   help="every repeat with --seed (default: repeat r uses seed + r on every arm, so F1 medians span seeds)")
+                   help="every repeat with --seed (default: repeat r uses seed + r on every arm, so F1 medians span "
+                        "seeds)")
     p.add_argument("--arm", action="append", default=None,
                    help='toolkit arm NAME="extra flags" (repeatable; default: toolkit="")')
     p.add_argument("--no-trainer", action="store_true", help="toolkit arms only; ratios are against the first arm")
@@ -80,9 +81,9 @@ def run_trainer(args: argparse.Namespace) -> dict:
 
     from toolkit.core.config import DataConfig
     from toolkit.data.dataset import build_splits, tokenize
-    from toolkit.policy.policy import apply_freeze
     from toolkit.engine.metrics import classification_metrics
     from toolkit.engine.model import load_model, load_tokenizer
+    from toolkit.policy.policy import apply_freeze
 
     hf_logging.set_verbosity_error()
     tokenizer = load_tokenizer(args.model)
@@ -240,8 +241,10 @@ def summarize(runs: list[dict], arms: list[str], baseline: str) -> dict:
             continue
         rows = [r for r in runs if r["arm"] == arm]
         summary["ratios"][f"{arm}/{baseline}"] = {
-            "train_samples_per_s": _stats([r["train_samples_per_s"] / base[r["repeat"]]["train_samples_per_s"] for r in rows]),
-            "eval_samples_per_s": _stats([r["eval_samples_per_s"] / base[r["repeat"]]["eval_samples_per_s"] for r in rows]),
+            "train_samples_per_s": _stats([r["train_samples_per_s"] / base[r["repeat"]]["train_samples_per_s"]
+                                           for r in rows]),
+            "eval_samples_per_s": _stats([r["eval_samples_per_s"] / base[r["repeat"]]["eval_samples_per_s"]
+                                          for r in rows]),
             "total_time_saved": _stats([1 - r["total_s"] / base[r["repeat"]]["total_s"] for r in rows]),
             "f1_difference": _stats([r["f1"] - base[r["repeat"]]["f1"] for r in rows]),
             "median_f1_difference": summary["arms"][arm]["f1"]["median"] - summary["arms"][baseline]["f1"]["median"],
@@ -264,8 +267,10 @@ def machine() -> dict:
         simd = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
     except OSError:
         pass
-    return {"cpu": cpu, "simd": simd, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    return {"cpu": cpu, "simd": simd, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def main(argv=None) -> None:
@@ -289,8 +294,8 @@ def main(argv=None) -> None:
                 runs.append(res)
                 out.write_text(json.dumps({"partial": True, "settings": vars(args), "runs": runs}, indent=2) + "\n")
                 print(f"repeat {r} {name:>10}: train {res['train_samples_per_s']:7.2f} samples/s  "
-                      f"eval {res['eval_samples_per_s']:7.2f} samples/s  f1 {res['f1']:.4f}  total {res['total_s']:7.1f} s  "
-                      f"(load before {res['load_before']:.2f})", flush=True)
+                      f"eval {res['eval_samples_per_s']:7.2f} samples/s  f1 {res['f1']:.4f}  total "
+                      f"{res['total_s']:7.1f} s  (load before {res['load_before']:.2f})", flush=True)
     names = [a for a, _ in arms]
     summary = summarize(runs, names, baseline)
     if not args.no_trainer:
@@ -299,8 +304,8 @@ def main(argv=None) -> None:
           f"lr {args.lr:g}, batch {args.batch_size}, {args.epochs} epoch(s), {args.repeats} repeats")
     for arm in names:
         s = summary["arms"][arm]
-        print(f"  {arm:>10}: train samples/s {_fmt(s['train_samples_per_s'])}  eval samples/s {_fmt(s['eval_samples_per_s'])}"
-              f"  f1 {_fmt(s['f1'], 4)}  total s {_fmt(s['total_s'], 1)}")
+        print(f"  {arm:>10}: train samples/s {_fmt(s['train_samples_per_s'])}  eval samples/s "
+              f"{_fmt(s['eval_samples_per_s'])}  f1 {_fmt(s['f1'], 4)}  total s {_fmt(s['total_s'], 1)}")
     for arm in names:
         rows = [r for r in runs if r["arm"] == arm and r.get("train_padding_fraction") is not None]
         if rows:
@@ -308,8 +313,8 @@ def main(argv=None) -> None:
                   f"eval {rows[0]['eval_padding_fraction']:.3f}")
     if "trainer_padding" in summary:
         tp = summary["trainer_padding"]
-        print(f"  {'trainer':>10}: padding fraction train {tp['train_padding_fraction']:.3f} (random batches, expected), "
-              f"eval {tp['eval_padding_fraction']:.3f}")
+        print(f"  {'trainer':>10}: padding fraction train {tp['train_padding_fraction']:.3f} (random batches, "
+              f"expected), eval {tp['eval_padding_fraction']:.3f}")
     for key, s in summary["ratios"].items():
         print(f"  {key}: train x{_fmt(s['train_samples_per_s'])}  eval x{_fmt(s['eval_samples_per_s'])}  "
               f"time saved {_fmt(s['total_time_saved'], 3)}  median f1 difference {s['median_f1_difference']:+.4f}")

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     if state.is_main_process:
         world = state.num_processes
         for r in everyone:
-            print(f"[probe] rank {r['rank']} on {r['slurm_node'] or r['host']}: {ClusterEnv(**r['cluster']).describe()}")
+            where = r["slurm_node"] or r["host"]
+            print(f"[probe] rank {r['rank']} on {where}: {ClusterEnv(**r['cluster']).describe()}")
         ok = rank_sum == world * (world - 1) // 2
         print(f"[probe] world size {world}, all_reduce {'ok' if ok else 'WRONG'} ({rank_sum})", flush=True)
         out = Path(args.output_dir)

@@ -39,13 +39,14 @@ TINY = ["--task", "imdb-subset", "--train-samples", "256", "--eval-samples", "10
         "--batch-size", "16", "--lr", "3e-4", "--seed", "0", "--log-every", "4"]
 
 
-def run_cmd(args: list[str], timeout: int = 900, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_cmd(args: list[str], timeout: int = 900, env: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 **(env or {})}
     proc = subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(args)}\n--- stdout\n{proc.stdout[-4000:]}\n"
-                             f"--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(args)}\n--- "
+                             f"stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
 
 
@@ -53,7 +54,8 @@ def python(*args: str, **kw) -> subprocess.CompletedProcess:
     return run_cmd([sys.executable, *args], **kw)
 
 
-def accelerate_launch(*args: str, num_processes: int = 2, config: str | None = None, **kw) -> subprocess.CompletedProcess:
+def accelerate_launch(*args: str, num_processes: int = 2, config: str | None = None,
+                      **kw) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     if config:
         launcher += ["--config_file", config]

@@ -16,11 +16,12 @@ EVAL_BATCH = 4
 
 
 def evaluate_sizes(accelerator, model_dir: str, data_dir: str) -> dict:
+    from transformers import AutoModelForSequenceClassification
+
     from toolkit.core.config import DataConfig
     from toolkit.data.dataset import Collator, build_splits, make_loader, tokenize
     from toolkit.engine.loop import validate
     from toolkit.engine.model import load_tokenizer
-    from transformers import AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(model_dir)
     with accelerator.main_process_first():

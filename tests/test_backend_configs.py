@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, accelerate_launch, read_json, read_predictions, run_cmd
 
 CONFIGS = ROOT / "accelerate_configs"
@@ -121,7 +120,8 @@ def _child_env(env: dict) -> dict:
     return {k: v for k, v in env.items() if os.environ.get(k) != v}
 
 
-@pytest.mark.parametrize("name", sorted(n for n, s in YAMLS.items() if "ds" not in s and s["distributed_type"] != "FSDP"))
+@pytest.mark.parametrize("name", sorted(n for n, s in YAMLS.items()
+                                        if "ds" not in s and s["distributed_type"] != "FSDP"))
 def test_yaml_picks_the_intended_launcher(name, monkeypatch):
     args, _, _ = _launch_args(name, monkeypatch)
     spec = YAMLS[name]
@@ -156,9 +156,18 @@ def test_deepspeed_yaml_builds_accelerates_deepspeed_plugin(name, monkeypatch):
 
 
 def _tiny_classifier(kind: str):
-    from transformers import (BertConfig, BertForSequenceClassification, DebertaV2Config, DebertaV2ForSequenceClassification,
-                              DistilBertConfig, DistilBertForSequenceClassification, ModernBertConfig,
-                              ModernBertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        DebertaV2Config,
+        DebertaV2ForSequenceClassification,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        ModernBertConfig,
+        ModernBertForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
 
     common = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_hidden_layers=2)
     if kind == "bert":
@@ -166,9 +175,11 @@ def _tiny_classifier(kind: str):
     if kind == "roberta":
         return RobertaForSequenceClassification(RobertaConfig(**common))
     if kind == "distilbert":
-        return DistilBertForSequenceClassification(DistilBertConfig(n_layers=2, dim=32, n_heads=2, hidden_dim=64, vocab_size=100))
+        return DistilBertForSequenceClassification(DistilBertConfig(n_layers=2, dim=32, n_heads=2, hidden_dim=64,
+                                                                    vocab_size=100))
     if kind == "deberta-v2":
-        return DebertaV2ForSequenceClassification(DebertaV2Config(relative_attention=True, position_buckets=16, **common))
+        return DebertaV2ForSequenceClassification(DebertaV2Config(relative_attention=True, position_buckets=16,
+                                                                  **common))
     return ModernBertForSequenceClassification(ModernBertConfig(global_attn_every_n_layers=2, pad_token_id=0, **common))
 
 
@@ -182,8 +193,8 @@ def test_fsdp_yaml_builds_accelerates_fsdp_plugin_and_wraps_each_block(monkeypat
     from torch.distributed.fsdp import ShardingStrategy, StateDictType
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-    from toolkit.policy.blocks import find_blocks
     from toolkit.engine.model import fsdp_wrap_classes
+    from toolkit.policy.blocks import find_blocks
 
     args, _, _ = _launch_args("fsdp.yaml", monkeypatch)
     assert args.use_fsdp and not args.cpu
@@ -207,7 +218,8 @@ def test_fsdp_yaml_builds_accelerates_fsdp_plugin_and_wraps_each_block(monkeypat
     # what toolkit.train does before prepare(): the model's _no_split_modules, or its block class where
     # transformers lists none (DistilBERT, DeBERTa-v2)
     plugin.transformer_cls_names_to_wrap = fsdp_wrap_classes(model)
-    assert plugin.transformer_cls_names_to_wrap == (sorted(model._no_split_modules) or [type(find_blocks(model)[1][0]).__name__])
+    assert plugin.transformer_cls_names_to_wrap == (sorted(model._no_split_modules)
+                                                    or [type(find_blocks(model)[1][0]).__name__])
     plugin.set_auto_wrap_policy(model)  # Accelerate raises here for a class name the model does not have
     _, blocks = find_blocks(model)
     policy = plugin.auto_wrap_policy
@@ -270,7 +282,8 @@ def test_ds_json_has_comment_first_and_only_deepspeed_keys(name):
     assert not unknown, f"{name}: not DeepSpeed keys: {unknown}"
     # the toolkit passes its own AdamW + linear schedule through accelerator.prepare
     assert "optimizer" not in raw and "scheduler" not in raw
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):
         assert raw[key] == "auto", key
     assert raw["bf16"]["enabled"] == "auto" and raw["fp16"]["enabled"] == "auto"
 
@@ -416,7 +429,8 @@ def test_cpu_2proc_yaml_forms_one_gloo_group_of_two(tmp_path):
     probe = tmp_path / "world.py"
     probe.write_text("import sys\nfrom pathlib import Path\nfrom accelerate import Accelerator\n"
                      "acc = Accelerator(cpu=True)\n"
-                     "Path(sys.argv[1], f'rank{acc.process_index}').write_text(f'{acc.num_processes} {acc.distributed_type}')\n")
+                     "Path(sys.argv[1], f'rank{acc.process_index}').write_text(f'{acc.num_processes} "
+                     "{acc.distributed_type}')\n")
     run_cmd([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
              str(CONFIGS / "cpu_2proc.yaml"), str(probe), str(tmp_path)], timeout=300)
     for rank in (0, 1):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-
 from conftest import python
+
 from toolkit.cli import run
 from toolkit.core.config import DataConfig, EvalConfig, TrainConfig
 from toolkit.data.dataset import build_splits
@@ -38,18 +38,24 @@ CASES = {
     "missing file": (lambda d, g: ["--train-file", str(d / "nope.parquet")], "data file not found", "--train-file"),
     "missing folder": (lambda d, g: ["--data-dir", str(d / "nowhere")], "data folder not found", "--data-dir"),
     "folder without the split": (lambda d, g: ["--data-dir", str(d)], "no 'train' file", "--train-file"),
-    "unknown freeze": (lambda d, g: ["--train-file", g, "--freeze", "bottom3"], "unknown freeze policy 'bottom3'", "last2"),
-    "lastN too large": (lambda d, g: ["--train-file", g, "--freeze", "last7"], "asks for 7 blocks but this model has 6", "last1..last6"),
+    "unknown freeze": (lambda d, g: ["--train-file", g, "--freeze", "bottom3"], "unknown freeze policy 'bottom3'",
+                       "last2"),
+    "lastN too large": (lambda d, g: ["--train-file", g, "--freeze", "last7"], "asks for 7 blocks but this model has 6",
+                        "last1..last6"),
     "unknown task": (lambda d, g: ["--task", "yelp"], "unknown task 'yelp'", "imdb-subset"),
-    "missing text column": (lambda d, g: ["--train-file", g, "--text-column", "review"], "no column(s) ['review']", "--text-column"),
-    "missing label column": (lambda d, g: ["--train-file", g, "--label-column", "sentiment"], "no column(s) ['sentiment']", "--label-column"),
+    "missing text column": (lambda d, g: ["--train-file", g, "--text-column", "review"], "no column(s) ['review']",
+                            "--text-column"),
+    "missing label column": (lambda d, g: ["--train-file", g, "--label-column", "sentiment"],
+                             "no column(s) ['sentiment']", "--label-column"),
     "labels out of range": (lambda d, g: ["--train-file", write(d / "l.parquet", text=["x", "y", "z"], label=[0, 1, 2]),
                                           "--num-labels", "2"],
                             "labels outside 0..1", "--num-labels"),
-    "all texts empty": (lambda d, g: ["--train-file", write(d / "e.parquet", text=["", "  ", None, ""], label=[0, 1, 0, 1])],
+    "all texts empty": (lambda d, g: ["--train-file", write(d / "e.parquet", text=["", "  ", None, ""],
+                                                            label=[0, 1, 0, 1])],
                         "all 4 train texts are empty or null", "text column"),
     "bad max length": (lambda d, g: ["--train-file", g, "--max-length", "4096"], "outside 8..512", "up to 512"),
-    "cache with frozen dropout": (lambda d, g: ["--train-file", g, "--freeze", "head", "--cache-frozen", "--frozen-dropout"],
+    "cache with frozen dropout": (lambda d, g: ["--train-file", g, "--freeze", "head", "--cache-frozen",
+                                                "--frozen-dropout"],
                                   "--frozen-dropout cannot apply", "drop one of the two flags"),
     "unsupported file": (lambda d, g: ["--train-file", str((d / "x.txt").write_text("hi") and d / "x.txt")],
                          "unsupported file type", ".parquet"),
@@ -84,7 +90,8 @@ def test_evaluate_missing_model(tmp_path, capsys):
 
 
 def test_empty_texts_are_dropped_with_a_count(tmp_path):
-    path = write(tmp_path / "some-empty.parquet", text=["good", "", None, "bad", "  ", "fine"] * 2, label=[1, 0, 1, 0, 1, 1] * 2)
+    path = write(tmp_path / "some-empty.parquet", text=["good", "", None, "bad", "  ", "fine"] * 2, label=[1, 0, 1, 0,
+                                                                                                           1, 1] * 2)
     messages = []
     train, evals = build_splits(DataConfig(train_file=path, eval_samples=2), log=messages.append)
     assert len(train) + len(evals) == 6
@@ -93,6 +100,7 @@ def test_empty_texts_are_dropped_with_a_count(tmp_path):
 
 
 def test_real_exit_status_from_the_command_line(tmp_path, minilm):
-    proc = python("launch/train.py", "--model", minilm, "--freeze", "lastx", "--output-dir", str(tmp_path / "o"), check=False)
+    proc = python("launch/train.py", "--model", minilm, "--freeze", "lastx", "--output-dir", str(tmp_path / "o"),
+                  check=False)
     assert proc.returncode == 2
     assert "unknown freeze policy 'lastx'" in proc.stderr and "fix:" in proc.stderr

@@ -12,19 +12,19 @@ import statistics
 import pandas as pd
 import pytest
 import torch
+from conftest import accelerate_launch, python, read_json, read_predictions
 from matplotlib.collections import PathCollection
 from safetensors.torch import load_file
 from scipy.stats import t as student_t
 from transformers import AutoModel
 
-from conftest import accelerate_launch, python, read_json, read_predictions
-from toolkit.report.chart import figure
 from toolkit.cli import run
 from toolkit.compare import CompareConfig, parse_policies
 from toolkit.compare import main as compare_main
 from toolkit.core.config import DataConfig, EvalConfig
 from toolkit.data.dataset import build_splits
 from toolkit.evaluate import main as evaluate_main
+from toolkit.report.chart import figure
 
 DATA = ["--task", "imdb-subset", "--train-samples", "64", "--eval-samples", "32", "--max-length", "32"]
 ARGS = [*DATA, "--batch-size", "16", "--lr", "3e-4", "--log-every", "100", "--cpu"]
@@ -111,7 +111,8 @@ def test_difference_to_the_baseline_is_paired_by_seed(compared):
     assert (head["speedup"]["min"], head["speedup"]["max"]) == pytest.approx((min(speedup), max(speedup)))
     inside = bool(ci[0] <= 0 <= ci[1])
     assert head["inside_noise"] is inside
-    verdict = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("- `head` vs `none`"))
+    verdict = next(line for line in (out / "report.md").read_text().splitlines()
+                   if line.startswith("- `head` vs `none`"))
     assert f"ΔF1 {mean:+.4f}" in verdict and ("**inside the noise**" in verdict) is inside, verdict
 
 
@@ -176,7 +177,8 @@ def test_every_run_starts_from_the_pretrained_weights(compared, minilm):
         tuned = load_file(out / "none" / f"seed-{seed}" / "model" / "model.safetensors")
         assert not torch.equal(tuned[f"bert.{name}"], pretrained[name])  # `none` changed block 0 ...
         head = load_file(out / "head" / f"seed-{seed}" / "model" / "model.safetensors")
-        assert torch.equal(head[f"bert.{name}"], pretrained[name])  # ... and the later runs still start from the original
+        assert torch.equal(head[f"bert.{name}"],
+                           pretrained[name])  # ... and the later runs still start from the original
     # the training seed differs between the seeds' runs (head init, order), the data rows do not
     a, b = (load_file(out / "head" / f"seed-{s}" / "model" / "model.safetensors")["classifier.weight"] for s in SEEDS)
     assert not torch.equal(a, b)
@@ -233,7 +235,8 @@ def test_second_invocation_reuses_finished_runs(compared, capsys):
                                                         "--lora-r", "4"]) == 1
     assert _snapshot(out) == before, "a finished run was touched or added"
     statuses = {(r["policy"], r["seed"]): r["status"] for r in report_of(out)["runs"]}
-    assert statuses == {**{(p, s): "reused" for p in POLICIES for s in SEEDS}, ("last9", 0): "failed", ("last9", 1): "failed"}
+    assert statuses == {**{(p, s): "reused" for p in POLICIES for s in SEEDS}, ("last9", 0): "failed",
+                        ("last9", 1): "failed"}
     assert "freeze policy:" not in capsys.readouterr().out  # nothing was set up for training again
 
 

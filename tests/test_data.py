@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import python, read_json
 from transformers import AutoTokenizer, BertConfig, BertModel, pipeline
 
-from conftest import python, read_json
 from toolkit.cli import run
 from toolkit.core.config import DataConfig, TrainConfig
-from toolkit.data.dataset import EpochBatchSampler, build_splits, clean, load_data_file
+from toolkit.data.dataset import EpochBatchSampler, build_splits, load_data_file
 from toolkit.engine.metrics import classification_metrics
 from toolkit.train import main as train_main
 
@@ -91,7 +91,8 @@ def test_n_class_metrics_values():
     m = classification_metrics(labels, preds, 3, ["a", "b", "c"])
     assert m["accuracy"] == pytest.approx(6 / 8)
     f1 = {"a": 2 * 0.5 * 0.5 / 1.0, "b": 2 * (2 / 3) * 1 / (2 / 3 + 1), "c": 2 * 1 * 0.75 / 1.75}
-    assert m["f1[a]"] == pytest.approx(f1["a"]) and m["f1[b]"] == pytest.approx(f1["b"]) and m["f1[c]"] == pytest.approx(f1["c"])
+    assert m["f1[a]"] == pytest.approx(f1["a"]) and m["f1[b]"] == pytest.approx(f1["b"])
+    assert m["f1[c]"] == pytest.approx(f1["c"])
     assert m["f1"] == pytest.approx(np.mean(list(f1.values())))
     assert m["f1_weighted"] == pytest.approx((2 * f1["a"] + 2 * f1["b"] + 4 * f1["c"]) / 8)
     binary = classification_metrics(np.array([1, 1, 0, 0]), np.array([1, 0, 0, 0]), 2)
@@ -138,19 +139,27 @@ BAD = {
                   "is not valid utf-8 text", "--file-encoding"),
     "unknown encoding": (["--train-file", str(DATA / "sentiment.csv"), "--file-encoding", "klingon"],
                          "unknown --file-encoding 'klingon'", "latin-1"),
-    "unreadable parquet": (["--train-file", str(DATA / "not_parquet.parquet")], "is not a readable Parquet file", "re-export"),
+    "unreadable parquet": (["--train-file", str(DATA / "not_parquet.parquet")], "is not a readable Parquet file",
+                           "re-export"),
     "broken JSON": (["--train-file", str(DATA / "broken.jsonl")], "could not read", "JSON Lines"),
-    "label nulls": (["--train-file", str(DATA / "null_labels.csv"), "--text-column", "review", "--label-column", "sentiment"],
+    "label nulls": (["--train-file", str(DATA / "null_labels.csv"), "--text-column", "review", "--label-column",
+                     "sentiment"],
                     "3 row(s) have no label in column 'sentiment', at row positions [1, 5, 7]", "fill in or remove"),
-    "duplicate columns": (["--train-file", str(DATA / "duplicate_columns.csv")], "duplicate column names ['text']", "distinct name"),
-    "eval label unseen in train": (["--train-file", str(DATA / "sentiment.csv"), "--eval-file", str(DATA / "eval_unseen_label.csv"),
+    "duplicate columns": (["--train-file", str(DATA / "duplicate_columns.csv")], "duplicate column names ['text']",
+                          "distinct name"),
+    "eval label unseen in train": (["--train-file", str(DATA / "sentiment.csv"), "--eval-file",
+                                    str(DATA / "eval_unseen_label.csv"),
                                     "--text-column", "review", "--label-column", "sentiment"],
-                                   "eval labels ['mixed'] in column 'sentiment' are not among the training labels", "same class names"),
-    "num labels disagrees": (["--train-file", str(DATA / "sentiment.csv"), "--text-column", "review", "--label-column", "sentiment",
+                                   "eval labels ['mixed'] in column 'sentiment' are not among the training labels",
+                                   "same class names"),
+    "num labels disagrees": (["--train-file", str(DATA / "sentiment.csv"), "--text-column", "review", "--label-column",
+                              "sentiment",
                               "--num-labels", "3"], "--num-labels 3 but the labels name 2 classes", "--num-labels 2"),
-    "label names miss a label": (["--train-file", str(DATA / "sentiment.csv"), "--text-column", "review", "--label-column",
+    "label names miss a label": (["--train-file", str(DATA / "sentiment.csv"), "--text-column", "review",
+                                  "--label-column",
                                   "sentiment", "--label-names", "neg,pos"], "are not in --label-names", "add them"),
-    "non-integral labels": (["--train-file", str(DATA / "three_class.jsonl"), "--num-labels", "2"], "labels outside 0..1", "--num-labels"),
+    "non-integral labels": (["--train-file", str(DATA / "three_class.jsonl"), "--num-labels", "2"],
+                            "labels outside 0..1", "--num-labels"),
 }
 
 
@@ -158,7 +167,8 @@ BAD = {
 def test_bad_file_is_one_clear_error(case, tiny_model, tmp_path, capsys):
     argv, problem, fix = BAD[case]
     out = tmp_path / "out"
-    code, err = train(["--model", str(tiny_model), "--output-dir", str(out), "--cpu", "--max-length", "32", *argv], capsys)
+    code, err = train(["--model", str(tiny_model), "--output-dir", str(out), "--cpu", "--max-length", "32", *argv],
+                      capsys)
     assert code == 2, err
     err = " ".join(err.split())  # the console wraps long lines
     assert problem in err and "fix:" in err and fix in err, err
@@ -171,7 +181,8 @@ def test_parquet_with_duplicate_column_names(tmp_path):
     import pyarrow.parquet as pq
 
     path = tmp_path / "dup.parquet"
-    pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"]), pa.array([1])], names=["text", "text", "label"]), path)
+    pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"]), pa.array([1])], names=["text", "text",
+                                                                                                  "label"]), path)
     with pytest.raises(Exception, match=r"duplicate column names \['text'\]"):
         load_data_file(path, cache_dir=str(tmp_path / "c"))
 
@@ -181,7 +192,8 @@ def test_parquet_with_duplicate_column_names(tmp_path):
 
 def test_sampler_takes_a_numpy_column_and_covers_every_row_once():
     lengths = np.random.default_rng(0).integers(5, 200, size=1003).astype(np.int32)
-    for kind in (dict(shuffle=True, group_by_length=True), dict(shuffle=True), dict(shuffle=False, sort_by_length=True)):
+    for kind in (dict(shuffle=True, group_by_length=True), dict(shuffle=True), dict(shuffle=False,
+                                                                                    sort_by_length=True)):
         batches = list(EpochBatchSampler(lengths, 16, 1, **kind))
         rows = np.concatenate(batches)
         assert sorted(rows.tolist()) == list(range(1003)) and all(isinstance(i, int) for i in batches[0])

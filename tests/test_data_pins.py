@@ -35,8 +35,10 @@ def test_balanced_imdb_subset_selects_the_same_rows(data_dir):
 ])
 def test_amazon_head_split_and_joined_columns_are_unchanged(data_dir, tmp_path, columns, expected):
     (tmp_path / "amazon_polarity").mkdir()
-    (tmp_path / "amazon_polarity" / "train.parquet").symlink_to(Path(data_dir) / "amazon_polarity" / "train_sample.parquet")
-    cfg = DataConfig(task="amazon-subset", data_dir=str(tmp_path), train_samples=40, eval_samples=9, text_column=columns)
+    sample = Path(data_dir) / "amazon_polarity" / "train_sample.parquet"
+    (tmp_path / "amazon_polarity" / "train.parquet").symlink_to(sample)
+    cfg = DataConfig(task="amazon-subset", data_dir=str(tmp_path), train_samples=40, eval_samples=9,
+                     text_column=columns)
     assert selected(cfg) == expected
 
 

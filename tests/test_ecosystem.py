@@ -14,14 +14,13 @@ import os
 import struct
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
+import tomllib
 from conftest import ROOT, accelerate_launch, read_json, read_predictions
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 DATA = ["--task", "imdb-subset", "--train-samples", "48", "--eval-samples", "24", "--max-length", "32",
         "--batch-size", "8", "--lr", "1e-3", "--seed", "0", "--log-every", "2"]
@@ -136,7 +135,8 @@ def test_wandb_offline_run_folders(tracked):
 
 def test_trackio_local_database(tracked):
     code = (f"from trackio.sqlite_storage import SQLiteStorage as S; import json; "
-            f"print(json.dumps([[r['step'], r.get('loss'), r.get('eval_f1')] for r in S.get_logs('{tracked['ids']['trackio']['project']}', 't13')]))")
+            "print(json.dumps([[r['step'], r.get('loss'), r.get('eval_f1')] for r in "
+            f"S.get_logs('{tracked['ids']['trackio']['project']}', 't13')]))")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **tracked["env"]}, capture_output=True,
                           text=True, timeout=120, check=True)  # TRACKIO_DIR is read when trackio is imported
     logs = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -5,16 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
-    BertConfig, BertForSequenceClassification, DebertaV2Config, DebertaV2ForSequenceClassification,
-    DistilBertConfig, DistilBertForSequenceClassification, ModernBertConfig, ModernBertForSequenceClassification,
-    RobertaConfig, RobertaForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    DebertaV2Config,
+    DebertaV2ForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    ModernBertConfig,
+    ModernBertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
 )
 
 from toolkit.core.errors import ToolkitError
-from toolkit.policy.blocks import find_blocks
-from toolkit.policy.policy import apply_freeze
-from toolkit.policy.policy import Policy
 from toolkit.engine.model import build_optimizer
+from toolkit.policy.blocks import find_blocks
+from toolkit.policy.policy import Policy, apply_freeze
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +42,8 @@ def test_bert_base_none_trains_everything(bert_base):
 def test_bert_base_last2_matches_seed_rules(bert_base):
     apply_freeze(bert_base, "last2")
     names = [n for n, _ in bert_base.named_parameters()]
-    by_substring = {n for n in names if any(k in n for k in ("encoder.layer.10", "encoder.layer.11", "pooler", "classifier"))}
+    by_substring = {n for n in names if any(k in n for k in ("encoder.layer.10", "encoder.layer.11", "pooler",
+                                                             "classifier"))}
     by_index = {n for i, n in enumerate(names) if i >= 165}  # the seed notebook's rule
     assert len(names) == 201
     assert trainable(bert_base) == by_substring == by_index
@@ -72,7 +79,8 @@ def test_last_n_larger_than_model(bert_base):
 def _tiny(kind):
     common = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=3)
     if kind == "roberta":
-        return RobertaForSequenceClassification(RobertaConfig(num_hidden_layers=4, **common)), "roberta.encoder.layer", []
+        return RobertaForSequenceClassification(RobertaConfig(num_hidden_layers=4,
+                                                              **common)), "roberta.encoder.layer", []
     if kind == "distilbert":
         cfg = DistilBertConfig(n_layers=4, dim=32, n_heads=2, hidden_dim=64, vocab_size=100, num_labels=3)
         return DistilBertForSequenceClassification(cfg), "distilbert.transformer.layer", []
@@ -93,7 +101,8 @@ def test_last_n_on_other_architectures(kind):
     apply_freeze(model, "last1")
     names = [n for n, _ in model.named_parameters()]
     head = {n for n in names if not n.startswith(prefix + ".")}
-    expected = head | {n for n in names if n.startswith(f"{blocks}.3.")} | {n for n in names if any(n.startswith(p + ".") for p in post)}
+    expected = (head | {n for n in names if n.startswith(f"{blocks}.3.")}
+                | {n for n in names if any(n.startswith(p + ".") for p in post)})
     assert head, "every sequence classifier has a head outside the backbone"
     assert trainable(model) == expected
     # the frozen blocks and embeddings really are frozen

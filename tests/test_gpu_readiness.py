@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, read_json, run_cmd
-from toolkit.core.errors import ToolkitError
+
 from toolkit.backends.precision import has_kernels, launcher_choice, resolve_mixed_precision, tf32_applies
+from toolkit.core.errors import ToolkitError
 
 T4, V100, A100, H100, CPU = (7, 5), (7, 0), (8, 0), (9, 0), None
 GPUS = {"T4": T4, "V100": V100, "A100": A100, "H100": H100, "CPU": CPU}
@@ -38,7 +38,8 @@ def _resolve(flag, env, argv, gpu, default_config=None):
 @pytest.mark.parametrize("gpu", list(GPUS))
 def test_launcher_default_is_not_a_choice(gpu):
     # `accelerate launch launch/train.py`: the launcher exports "no" without being asked
-    mode, why = _resolve(None, {"ACCELERATE_MIXED_PRECISION": "no"}, LAUNCH + ["launch/train.py", "--freeze", "last2"], gpu)
+    mode, why = _resolve(None, {"ACCELERATE_MIXED_PRECISION": "no"}, LAUNCH + ["launch/train.py", "--freeze", "last2"],
+                         gpu)
     assert mode == AUTO[gpu] and "auto" in why and "default" in why
     # plain python: nothing set at all
     assert _resolve(None, {}, None, gpu)[0] == AUTO[gpu]
@@ -51,8 +52,8 @@ def test_launcher_default_is_not_a_choice(gpu):
 def test_a_users_no_is_honoured(gpu):
     env = {"ACCELERATE_MIXED_PRECISION": "no"}
     flag = LAUNCH + ["--mixed_precision", "no", "launch/train.py"]
-    assert _resolve(None, env, flag, gpu) == ("no", f"accelerate launch --mixed_precision on "
-                                                    f"{'CPU' if gpu == 'CPU' else 'compute capability %d.%d' % GPUS[gpu]}")
+    where = "CPU" if gpu == "CPU" else "compute capability %d.%d" % GPUS[gpu]
+    assert _resolve(None, env, flag, gpu) == ("no", f"accelerate launch --mixed_precision on {where}")
     config = LAUNCH + ["--config_file", str(CONFIGS / "cpu_2proc.yaml"), "launch/train.py"]  # says mixed_precision: no
     mode, why = _resolve(None, env, config, gpu)
     assert mode == "no" and "cpu_2proc.yaml" in why
@@ -92,7 +93,8 @@ def test_default_config_file_counts_unless_launched_with_cpu(tmp_path):
 
 # ---------------------------------------------------------------- TF32, and kernels of the torch build
 
-@pytest.mark.parametrize("gpu, expected", [("T4", False), ("V100", False), ("A100", True), ("H100", True), ("CPU", False)])
+@pytest.mark.parametrize("gpu, expected", [("T4", False), ("V100", False), ("A100", True), ("H100", True),
+                                           ("CPU", False)])
 def test_tf32_on_ampere_and_newer_unless_switched_off(gpu, expected):
     assert tf32_applies(True, GPUS[gpu]) is expected
     assert tf32_applies(False, GPUS[gpu]) is False
@@ -197,9 +199,9 @@ def test_cached_features_meet_16bit_weights(tiny_model):
     from datasets import Dataset
 
     from toolkit.data.dataset import Collator, tokenize
-    from toolkit.policy.policy import apply_freeze
     from toolkit.engine.frozen_cache import FrozenCache
     from toolkit.engine.model import load_model, load_tokenizer
+    from toolkit.policy.policy import apply_freeze
 
     folder = tiny_model
     tok = load_tokenizer(folder)
@@ -299,8 +301,8 @@ def test_deepspeed_template_saves_the_model_under_zero3(tmp_path, monkeypatch, z
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURMD_NODENAME": "n2",
            "SLURM_GPUS_ON_NODE": "4", "MAIN_IP": "n1", "MAIN_PORT": "15007", "TRAIN_SCRIPT": "launch/train.py",
            "ZERO_STAGE": zero_stage, "DS_CONFIG": ds_config}
-    subprocess.run(["bash", "-c", f"source slurm/common.sh; export -f toolkit_procs_per_node; "
-                                  f"bash -c \"$0\" toolkit-node --task imdb --freeze none",
+    subprocess.run(["bash", "-c", "source slurm/common.sh; export -f toolkit_procs_per_node; "
+                                  "bash -c \"$0\" toolkit-node --task imdb --freeze none",
                     _node_command(ROOT / "slurm" / "multi_node_deepspeed.sbatch")],
                    cwd=ROOT, env={**os.environ, **env}, check=True, capture_output=True)
     argv = (tmp_path / "argv").read_text().split("\0")[:-1]
@@ -331,7 +333,8 @@ def test_tf32_switch_keeps_both_torch_apis_readable():
 
 
 def test_gpu_check_stops_at_once_without_a_gpu():
-    proc = run_cmd([sys.executable, "benchmarks/gpu_check.py"], timeout=120, check=False, env={"CUDA_VISIBLE_DEVICES": ""})
+    proc = run_cmd([sys.executable, "benchmarks/gpu_check.py"], timeout=120, check=False,
+                   env={"CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 1
     assert proc.stdout.splitlines() == [proc.stdout.strip()] and "no CUDA GPU visible" in proc.stdout
     assert "[gpu_check] env" not in proc.stdout

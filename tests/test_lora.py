@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_freeze import _tiny
 from transformers import BertConfig, BertForSequenceClassification
 
-from test_freeze import _tiny
-from toolkit.policy import lora
 from toolkit.core.errors import ToolkitError
 from toolkit.engine.flops import lora_flop_model
+from toolkit.policy import lora
 from toolkit.policy.blocks import summarize
 
 
@@ -86,7 +86,8 @@ def test_named_targets_match_suffixes_and_bad_targets_are_clear_errors():
 # ---------------------------------------------------------------- FLOPs
 
 
-@pytest.mark.parametrize("targets", [None, "key", "layer.1.output.dense", "layer.1.attention.self.value,layer.2.intermediate.dense"])
+@pytest.mark.parametrize("targets", [None, "key", "layer.1.output.dense",
+                                     "layer.1.attention.self.value,layer.2.intermediate.dense"])
 def test_flop_model_matches_torch_flop_counter(targets):
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -179,10 +180,9 @@ def check_lora_run(out, base: str, texts: list[str]) -> None:
     """What every LoRA run must leave behind, whatever the back-end."""
     import json
 
+    from conftest import read_json, read_predictions
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from conftest import read_json, read_predictions
 
     config, metrics = read_json(out / "config.json"), read_json(out / "metrics.json")
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
@@ -205,7 +205,8 @@ def check_lora_run(out, base: str, texts: list[str]) -> None:
         if name in head:
             assert torch.equal(weights[name], head[name]), name
         elif target in targets:
-            delta = adapter[f"base_model.model.{target}.lora_B.weight"] @ adapter[f"base_model.model.{target}.lora_A.weight"]
+            prefix = f"base_model.model.{target}"
+            delta = adapter[f"{prefix}.lora_B.weight"] @ adapter[f"{prefix}.lora_A.weight"]
             assert delta.abs().max() > 0, f"{target}: the adapter did not train"
             torch.testing.assert_close(weights[name], before + scale * delta, atol=1e-6, rtol=0)
         else:
@@ -236,6 +237,7 @@ def test_lora_minilm_one_process(tmp_path, minilm, data_dir, eval_texts):
     import json
 
     from conftest import python, read_json, read_predictions
+
     from toolkit.cli import run
     from toolkit.core.config import TrainConfig
     from toolkit.train import main
@@ -258,7 +260,8 @@ def test_lora_minilm_one_process(tmp_path, minilm, data_dir, eval_texts):
     (tmp_path / "texts.json").write_text(json.dumps(eval_texts))
     script = tmp_path / "pipe.py"
     script.write_text(PIPELINE_WITHOUT_PEFT)
-    labels = json.loads(python(str(script), str(out / "model"), str(tmp_path / "texts.json"), str(MAX_LEN)).stdout.splitlines()[-1])
+    labels = json.loads(python(str(script), str(out / "model"), str(tmp_path / "texts.json"),
+                               str(MAX_LEN)).stdout.splitlines()[-1])
     names = {"negative": 0, "positive": 1}
     assert [names[x] for x in labels] == [r[2] for r in read_predictions(out / "predictions.csv")]
 
@@ -280,7 +283,8 @@ def test_lora_two_processes(tmp_path, tiny_dir, data_dir, eval_texts, backend):
                       config=config)
     resolved = read_json(out / "config.json")["resolved"]
     assert resolved["world_size"] == 2
-    assert resolved["distributed_type"] == ("DistributedType.MULTI_CPU" if backend == "ddp" else "DistributedType.DEEPSPEED")
+    assert resolved["distributed_type"] == ("DistributedType.MULTI_CPU" if backend == "ddp"
+                                            else "DistributedType.DEEPSPEED")
     assert read_json(out / "metrics.json")["global_step"] == 2  # 32 rows / (8 x 2 ranks)
     check_lora_run(out, tiny_dir, eval_texts)
     if backend != "zero2":
@@ -331,7 +335,8 @@ def test_lora_resume_with_other_lora_settings_is_refused(tiny_dir, data_dir, tmp
 
     out, stop = tmp_path / "out", tmp_path / "STOP"
     argv = ["--model", tiny_dir, "--data-dir", data_dir, "--train-samples", "16", "--eval-samples", "8",
-            "--max-length", "32", "--batch-size", "8", "--cpu", "--freeze", "lora", "--lora-r", "4", "--output-dir", str(out)]
+            "--max-length", "32", "--batch-size", "8", "--cpu", "--freeze", "lora", "--lora-r", "4", "--output-dir",
+            str(out)]
     stop.touch()  # present from the start: a checkpoint after step 1, then exit 75
     assert run(main, TrainConfig, "train", [*argv, "--stop-file", str(stop)]) == 75
     checkpoint = out / "checkpoints" / "step-00000001"
@@ -355,7 +360,8 @@ def test_lora_policy_value_and_compare_spelling():
     from toolkit.core.config import TrainConfig
     from toolkit.policy.policy import Policy
 
-    policy = Policy.from_config(TrainConfig(freeze="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets="key"))
+    policy = Policy.from_config(TrainConfig(freeze="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                                            lora_targets="key"))
     assert policy.kind == "lora" and policy.spec == "lora" and policy.lora == lora.LoraSpec(4, 8, 0.0, "key")
     assert [p.spec for p in parse_policies("none,lora,last2")] == ["none", "lora", "last2"]
     assert Policy.parse("lora").lora == lora.LoraSpec()  # compare: the run's --lora-* flags fill it (config_fields)

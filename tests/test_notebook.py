@@ -4,7 +4,6 @@ the tiny CPU configuration through the environment variables it reads."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import ROOT, read_json
 
 NOTEBOOK = ROOT / "notebooks" / "colab_quickstart.ipynb"

@@ -9,17 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate.utils import DistributedType
+from conftest import accelerate_launch, read_json, read_predictions
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
-from conftest import accelerate_launch, read_json, read_predictions
 from toolkit.cli import run
 from toolkit.compare import parse_policies
 from toolkit.core.config import TrainConfig
 from toolkit.core.errors import ToolkitError
+from toolkit.engine.flops import FlopModel
 from toolkit.engine.model import build_optimizer
 from toolkit.policy.policy import Policy
-from toolkit.engine.flops import FlopModel
 from toolkit.train import main as train_main
 
 LAYERS = 4
@@ -116,7 +116,8 @@ def test_llrd_group_learning_rates_after_one_step(text):
     policy.apply(model)
     optimizer = build_optimizer(model, lr, 0.01, policy)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, total)
-    batch = {"input_ids": torch.tensor([[2, 5, 7, 3], [2, 9, 3, 0]]), "attention_mask": torch.tensor([[1] * 4, [1, 1, 1, 0]]),
+    batch = {"input_ids": torch.tensor([[2, 5, 7, 3], [2, 9, 3, 0]]),
+             "attention_mask": torch.tensor([[1] * 4, [1, 1, 1, 0]]),
              "labels": torch.tensor([1, 0])}
     model(**batch).loss.backward()
     optimizer.step()
@@ -127,11 +128,13 @@ def test_llrd_group_learning_rates_after_one_step(text):
         for p in group["params"]:
             name = names[id(p)]
             seen.add(name)
-            assert group["lr"] == pytest.approx(expected_lr(name, lr, policy.layer_lr_decay) * (total - 1) / total, rel=1e-12), name
+            assert group["lr"] == pytest.approx(expected_lr(name, lr, policy.layer_lr_decay) * (total - 1) / total,
+                                                rel=1e-12), name
             assert (group["weight_decay"] == 0) == (name.endswith("bias") or "LayerNorm" in name), name
     assert seen == {n for n, p in model.named_parameters() if p.requires_grad}
     if text.startswith("last2"):
-        assert not any(n.startswith(("bert.embeddings.", "bert.encoder.layer.0.", "bert.encoder.layer.1.")) for n in seen)
+        assert not any(n.startswith(("bert.embeddings.", "bert.encoder.layer.0.",
+                                     "bert.encoder.layer.1.")) for n in seen)
 
 
 def test_gradual_stages_and_flop_count_follow_the_schedule():
@@ -139,7 +142,8 @@ def test_gradual_stages_and_flop_count_follow_the_schedule():
     policy = Policy.parse("head>none@3")
     assert [(s, p.spec) for s, p in policy.schedule(model)] == \
         [(0, "head"), (3, "last1"), (6, "last2"), (9, "last3"), (12, "last4"), (15, "none")]
-    assert policy.stage(model, 2).spec == "head" and policy.stage(model, 4).spec == "last1" and policy.stage(model, 99).spec == "none"
+    assert policy.stage(model, 2).spec == "head" and policy.stage(model, 4).spec == "last1"
+    assert policy.stage(model, 99).spec == "none"
     policy.apply(model)  # the eventual set: everything
     assert all(p.requires_grad for p in model.parameters())
     assert policy.set_stage(model, 0).spec == "head"
@@ -182,21 +186,25 @@ def check_gradual_run(straight, stopped, model_dir):
     saved = torch.load(checkpoints[0] / "optimizer.bin", weights_only=False)
     groups = read_json(straight / "config.json")["resolved"]["param_groups"]
     assert len(saved["param_groups"]) == len(groups) == 2 * (LAYERS + 2)  # (embeddings, 4 blocks, head) x decay or not
-    assert sum(g["params"] for g in groups) == sum(p.numel() for p in tiny_bert(len(initial["bert.embeddings.word_embeddings.weight"])).parameters())
+    vocab = len(initial["bert.embeddings.word_embeddings.weight"])
+    assert sum(g["params"] for g in groups) == sum(p.numel() for p in tiny_bert(vocab).parameters())
     for group, recorded in zip(saved["param_groups"], groups):
         assert group["name"] == recorded["name"]
         level = recorded["name"].rsplit(" ", 1)[0]
-        depth = {"head": 0, "embeddings": LAYERS + 1}[level] if level in ("head", "embeddings") else LAYERS - int(level.split()[1])
+        depth = ({"head": 0, "embeddings": LAYERS + 1}[level] if level in ("head", "embeddings")
+                 else LAYERS - int(level.split()[1]))
         assert recorded["lr"] == pytest.approx(1e-3 * 0.8 ** depth, rel=1e-12)
         assert group["lr"] == pytest.approx(1e-3 * 0.8 ** depth * (STEPS - 1) / STEPS, rel=1e-12)
-        assert group["weight_decay"] == recorded["weight_decay"] == (0.0 if recorded["name"].endswith("no_decay") else 0.01)
+        decay = 0.0 if recorded["name"].endswith("no_decay") else 0.01
+        assert group["weight_decay"] == recorded["weight_decay"] == decay
     # AdamW holds state only for what has trained: after step 1, the classifier alone
     assert len(saved["state"]) == 2
     # the stopped-and-resumed run (stopped after step 1, i.e. after the first thaw) ends exactly as the straight one
     assert read_predictions(stopped / "predictions.csv") == read_predictions(straight / "predictions.csv")
     a, b = read_json(straight / "metrics.json"), read_json(stopped / "metrics.json")
     assert a["eval_loss"] == b["eval_loss"] and a["global_step"] == b["global_step"] == STEPS
-    final_a, final_b = load_file(straight / "model" / "model.safetensors"), load_file(stopped / "model" / "model.safetensors")
+    final_a = load_file(straight / "model" / "model.safetensors")
+    final_b = load_file(stopped / "model" / "model.safetensors")
     assert all(torch.equal(final_a[n], final_b[n]) for n in final_a)
     assert a["freeze"] == "head>none@1+llrd0.8" and a["trainable_params"] == a["total_params"]
     log = (straight / "metrics.jsonl").read_text()
@@ -214,7 +222,8 @@ def test_gradual_unfreezing_one_process(tiny_model_dir, data_dir, tmp_path, caps
     stop.unlink()
     assert run(train_main, TrainConfig, "train", [*resumed, "--resume-from", "auto"]) == 0
     # the same checkpoint cannot be resumed under another policy
-    assert run(train_main, TrainConfig, "train", [*args, "--layer-lr-decay", "1", "--output-dir", str(tmp_path / "stopped"),
+    assert run(train_main, TrainConfig, "train", [*args, "--layer-lr-decay", "1", "--output-dir",
+                                                  str(tmp_path / "stopped"),
                                                    "--resume-from", "auto"]) == 2
     assert "was trained with policy 'head>none@1+llrd0.8'" in capsys.readouterr().err
     check_gradual_run(tmp_path / "straight", tmp_path / "stopped", tiny_model_dir)
@@ -222,7 +231,8 @@ def test_gradual_unfreezing_one_process(tiny_model_dir, data_dir, tmp_path, caps
 
 def test_gradual_unfreezing_two_process_ddp(tiny_model_dir, data_dir, tmp_path):
     args = ["launch/train.py", "--model", tiny_model_dir, "--data-dir", data_dir, *GRADUAL, "--batch-size", "4"]
-    accelerate_launch(*args, "--output-dir", str(tmp_path / "straight"), "--checkpoint-every", "1", "--keep-checkpoints", "0")
+    accelerate_launch(*args, "--output-dir", str(tmp_path / "straight"), "--checkpoint-every", "1",
+                      "--keep-checkpoints", "0")
     stop = tmp_path / "STOP"
     stop.touch()
     first = accelerate_launch(*args, "--output-dir", str(tmp_path / "stopped"), "--stop-file", str(stop), check=False)
@@ -247,7 +257,8 @@ def test_compare_runs_the_new_spellings(tiny_model_dir, data_dir, tmp_path, caps
     assert run(compare_main, CompareConfig, "compare", argv) == 0
     report = {r["policy"]: r for r in read_json(out / "report.json")["runs"]}
     assert set(report) == {"last2+llrd0.5", "head>none@1"} and all(r["status"] == "trained" for r in report.values())
-    llrd, gradual = (read_json(out / folder / "seed-42" / "config.json") for folder in ("last2+llrd0.5", "head-to-none-every-1"))
+    llrd, gradual = (read_json(out / folder / "seed-42" / "config.json") for folder in ("last2+llrd0.5",
+                                                                                        "head-to-none-every-1"))
     assert (llrd["freeze"], llrd["layer_lr_decay"], llrd["unfreeze_every"]) == ("last2", 0.5, 0)
     assert (gradual["freeze"], gradual["unfreeze_every"], gradual["unfreeze_to"]) == ("head", 1, "none")
     assert {g["name"]: g["lr"] for g in llrd["resolved"]["param_groups"]}["block 2 decay"] == pytest.approx(1e-3 * 0.25)

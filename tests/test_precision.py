@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from toolkit.core.errors import ToolkitError
 from toolkit.backends.precision import choose_mixed_precision, device_capability
+from toolkit.core.errors import ToolkitError
 
 T4, V100, A100, H100, CPU = (7, 5), (7, 0), (8, 0), (9, 0), None
 

@@ -11,8 +11,8 @@ import sys
 
 import pandas as pd
 import pytest
-
 from conftest import ROOT, read_json, read_predictions
+
 from toolkit.cli import run
 from toolkit.core.config import DataConfig, TrainConfig, parse_args
 from toolkit.data.dataset import build_splits
@@ -94,7 +94,8 @@ BAD = {
     "unknown input type": (lambda t, d: ["--model", t, "--input", d / "x.docx"], "unsupported input type", ".csv"),
     "unknown output type": (lambda t, d: ["--model", t, "--input", d / "ok.txt", "--output", d / "o.xlsx"],
                             "unsupported output type", ".jsonl"),
-    "zero batch": (lambda t, d: ["--model", t, "--input", d / "ok.txt", "--batch-size", "0"], "--batch-size", "positive"),
+    "zero batch": (lambda t, d: ["--model", t, "--input", d / "ok.txt", "--batch-size", "0"], "--batch-size",
+                   "positive"),
 }
 
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, _free_port, accelerate_launch, read_json, read_predictions
-from toolkit.engine import checkpoint as ckpt
+
 from toolkit.cli import run
 from toolkit.core.config import DataConfig, TrainConfig
 from toolkit.core.errors import RunFailed, ToolkitError
 from toolkit.core.exit_codes import DIVERGED as NON_FINITE_EXIT_CODE
+from toolkit.engine import checkpoint as ckpt
 from toolkit.engine.loop import StepGuard, TrainState, fit, validate
 from toolkit.train import default_num_workers
 from toolkit.train import main as train_main
@@ -106,7 +106,7 @@ def test_diverging_loss_stops_the_run_with_exit_3_and_saves_nothing(tiny_bert, d
     assert code == NON_FINITE_EXIT_CODE == 3
     assert squash("the training loss is not finite (NaN or inf) at optimizer step 2 (learning rate") in err, err
     assert "lower--lr" in err and "--max-grad-norm" in err and "Traceback" not in err
-    assert not (out / "metrics.json").exists() and not (out / "model").exists() and not (out / "predictions.csv").exists()
+    assert not any((out / name).exists() for name in ("metrics.json", "model", "predictions.csv"))
     # the checkpoint of the last good step is there, unchanged (its digests still match), and nothing after it
     checkpoints = ckpt.list_checkpoints(out)
     assert [c.name for c in checkpoints] == ["step-00000001"]
@@ -145,9 +145,9 @@ def in_process_fit(tiny_bert, reviews, *, lr=1e-3, grad_accum=1, epochs=1, log_e
     from accelerate import Accelerator
     from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
+    from toolkit.backends.preemption import StopRequest
     from toolkit.data.dataset import Collator, make_loader
     from toolkit.engine.model import build_optimizer
-    from toolkit.backends.preemption import StopRequest
     from toolkit.output.console import RunLog
 
     tokenizer, train_tok, _ = reviews
@@ -272,7 +272,8 @@ def test_dataloader_workers_default_to_none_on_cpu_and_a_few_per_gpu():
 @pytest.fixture(scope="module")
 def run_with_checkpoints(tiny_bert, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "run"
-    code = run(train_main, TrainConfig, "train", train_args(tiny_bert, data_dir, out, "--lr", "1e-3", "--max-steps", "6",
+    code = run(train_main, TrainConfig, "train", train_args(tiny_bert, data_dir, out, "--lr", "1e-3", "--max-steps",
+                                                            "6",
                                                             "--checkpoint-every", "2", "--keep-checkpoints", "3"))
     assert code == 0
     return out
@@ -359,7 +360,8 @@ def _children(pid: int) -> list[int]:
 
 def _rank_of(pid: int) -> int | None:
     try:
-        env = dict(kv.split("=", 1) for kv in (Path("/proc") / str(pid) / "environ").read_text().split("\0") if "=" in kv)
+        environ = (Path("/proc") / str(pid) / "environ").read_text()
+        env = dict(kv.split("=", 1) for kv in environ.split("\0") if "=" in kv)
     except OSError:
         return None
     return int(env["RANK"]) if "RANK" in env else None
@@ -398,7 +400,8 @@ def test_a_killed_rank_ends_the_run_and_auto_resume_finishes_it_exactly(tiny_ber
     checkpoints = ckpt.list_checkpoints(out)
     newest = ckpt.read_progress(checkpoints[-1])["state"]
     assert len(checkpoints) == 2 and 4 <= newest["global_step"] < 40 and newest["batches_done"] > 0  # mid-epoch
-    print(f"time to stop after kill -9 of rank 1: {time_to_stop:.2f} s (newest checkpoint: step {newest['global_step']})")
+    print(f"time to stop after kill -9 of rank 1: {time_to_stop:.2f} s (newest checkpoint: step "
+          f"{newest['global_step']})")
 
     _flip_a_byte(checkpoints[-1] / "model.safetensors")
     resumed = accelerate_launch(*args, str(out), "--resume-from", "auto")

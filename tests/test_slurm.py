@@ -280,7 +280,8 @@ class Job:
             self.proc.kill()
             raise AssertionError(f"job {self.id} still running after {timeout} s\n{self.tail()}")
         if expect_ok:
-            assert self.proc.returncode == 0, f"job {self.id}: sbatch --wait exited {self.proc.returncode}\n{self.tail()}"
+            code = self.proc.returncode
+            assert code == 0, f"job {self.id}: sbatch --wait exited {code}\n{self.tail()}"
         return self.log_text()
 
 

@@ -7,18 +7,18 @@ import math
 
 import pytest
 import torch
+from conftest import accelerate_launch, python, read_json, read_predictions
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import accelerate_launch, python, read_json, read_predictions
 from toolkit.core.config import DataConfig, TrainConfig, parse_args
 from toolkit.data.dataset import Collator, EpochBatchSampler, build_splits, make_loader, tokenize
-from toolkit.policy.blocks import find_blocks
-from toolkit.policy.policy import apply_freeze, disable_frozen_dropout
+from toolkit.engine.flops import FlopModel, gpu_family, peak_flops
 from toolkit.engine.frozen_cache import FrozenCache
 from toolkit.engine.loop import validate
 from toolkit.engine.model import load_model, load_tokenizer
-from toolkit.engine.flops import FlopModel, gpu_family, peak_flops
+from toolkit.policy.blocks import find_blocks
+from toolkit.policy.policy import apply_freeze, disable_frozen_dropout
 
 MAX_LEN = 48  # end-to-end runs
 EVAL_LEN = 192  # in-process checks: long enough that review lengths differ
@@ -268,10 +268,12 @@ def test_cache_frozen_head_trains_on_two_processes_and_saves_a_normal_model(tmp_
     assert all(torch.equal(trained[k], v) for k, v in pretrained.items() if not k.startswith("classifier"))
     # the saved model, run the normal way (frozen part included), reproduces the cached-path predictions
     tok = tiny_data[0]
-    eval_tok = tokenize(build_splits(DataConfig(task="imdb-subset", data_dir=data_dir, train_samples=40, eval_samples=30),
+    eval_tok = tokenize(build_splits(DataConfig(task="imdb-subset", data_dir=data_dir, train_samples=40,
+                                                eval_samples=30),
                                      log=lambda *a: None)[1], tok, MAX_LEN)
     saved = load_model(str(out / "model"), 2)
-    normal = validate(accelerator, saved, make_loader(eval_tok, Collator(tok, None), 16, 0, train=False), 2, len(eval_tok))
+    normal = validate(accelerator, saved, make_loader(eval_tok, Collator(tok, None), 16, 0, train=False), 2,
+                      len(eval_tok))
     assert [r[2] for r in read_predictions(out / "predictions.csv")] == normal.preds.tolist()
 
 
@@ -299,7 +301,8 @@ def test_metrics_report_tokens_padding_and_flops(tmp_path, minilm, data_dir):
     seen = [lengths[i] for b in batches for i in b]
     model = load_model(minilm, 2)
     fm = FlopModel.from_model(model, "last2")
-    assert metrics["train_model_tflops"] * 1e12 == pytest.approx(fm.flops(sum(seen), sum(n * n for n in seen), len(seen)))
+    assert metrics["train_model_tflops"] * 1e12 == pytest.approx(fm.flops(sum(seen), sum(n * n for n in seen),
+                                                                          len(seen)))
     padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
     assert metrics["train_padding_fraction"] == pytest.approx(1 - sum(seen) / padded)
     log = [e for e in map(__import__("json").loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in e]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import accelerate_launch, python, read_json, read_predictions
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, pipeline
 
-from conftest import TINY, accelerate_launch, python, read_json, read_predictions
 from toolkit.core.config import DataConfig
 from toolkit.data.dataset import build_splits
 
@@ -136,7 +136,8 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, minilm, data_dir):
     stop.unlink()
     second = python(*args, "--output-dir", str(tmp_path / "resumed"), "--resume-from", "auto")
     assert "resumed from" in second.stdout
-    assert read_predictions(tmp_path / "resumed" / "predictions.csv") == read_predictions(tmp_path / "straight" / "predictions.csv")
+    resumed = read_predictions(tmp_path / "resumed" / "predictions.csv")
+    assert resumed == read_predictions(tmp_path / "straight" / "predictions.csv")
     a, b = read_json(tmp_path / "straight" / "metrics.json"), read_json(tmp_path / "resumed" / "metrics.json")
     assert a["eval_loss"] == b["eval_loss"] and a["f1"] == b["f1"] and a["global_step"] == b["global_step"] == 24
 

@@ -10,8 +10,8 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from .core.config import parse_args
 from .core import exit_codes
+from .core.config import parse_args
 from .core.errors import RunFailed, ToolkitError
 
 

@@ -47,8 +47,8 @@ def compare() -> None:
 def plot(argv: list[str] | None = None) -> None:
     from rich.console import Console
 
-    from .output.curves import main
     from .core.errors import ToolkitError
+    from .output.curves import main
 
     try:
         code = main(argv)

@@ -28,13 +28,14 @@ from accelerate.utils import broadcast_object_list
 from rich.console import Console
 from rich.markup import escape
 
-from .report import markdown as report, stats as summary
 from .core import exit_codes
 from .core.config import TrainConfig, option, save_json
 from .core.errors import ToolkitError
 from .policy.policy import Policy
-from .train import shared_output_dir, setup
+from .report import markdown as report
+from .report import stats as summary
 from .train import main as train_main
+from .train import setup, shared_output_dir
 
 BASELINE = "none"  # the baseline of the paired differences when listed, else the first policy
 # Settings that change how a run is carried out or logged, not what it computes.
@@ -49,8 +50,8 @@ class CompareConfig(TrainConfig):
     policies: str = option("none,last2,head", "comma-separated policies to train one after another: none, head, lastN, "
                                             "lora (with the --lora-* settings), +llrdF for layer-wise lr decay "
                                             "(last2+llrd0.9), START>TARGET@N for gradual unfreezing every N steps "
-                                            "(head>none@50); 'none' (else the first one listed) is the baseline for the "
-                                            "paired F1 change and speed-up")
+                                            "(head>none@50); 'none' (else the first one listed) is the baseline for "
+                                            "the paired F1 change and speed-up")
     seeds: Optional[str] = option(None, "comma-separated training seeds, every policy trained once per seed "
                                       "(e.g. 42,43,44; default: --seed alone); the data rows stay those of --data-seed")
     repeats: Optional[int] = option(None, "train every policy with K seeds: --seed, --seed+1, ..., --seed+K-1")
@@ -115,7 +116,8 @@ def run_config(base: TrainConfig, policy: Policy, seed: int, out: Path) -> Train
                                output_dir=str(out / run_dir(policy, seed)))
 
 
-def _mismatch(saved: dict, wanted: dict, defaults: dict, prefix: str = "", ignore: frozenset = frozenset()) -> list[str]:
+def _mismatch(saved: dict, wanted: dict, defaults: dict, prefix: str = "",
+              ignore: frozenset = frozenset()) -> list[str]:
     keys = (set(saved) | set(wanted)) - NOT_COMPARED - ignore
     diffs = []
     for key in sorted(keys):
@@ -135,7 +137,8 @@ def plan(out: Path, runs: dict[tuple[str, int], TrainConfig], world_size: int) -
         folder = Path(cfg.output_dir).parent
         if (folder / "metrics.json").is_file():
             raise ToolkitError(f"{folder} holds a single run from an older compare "
-                               "(no seed-<s>/ folders)", "move it to a seed-<its seed>/ folder inside, or use a new --output-dir")
+                               "(no seed-<s>/ folders)",
+                               "move it to a seed-<its seed>/ folder inside, or use a new --output-dir")
         run_dir = Path(cfg.output_dir)
         if not (run_dir / "metrics.json").is_file():
             decisions[policy, seed] = "train"
@@ -239,8 +242,8 @@ def main(cfg: CompareConfig) -> int:
               flush=True)
         failed = [f"{r['policy']} (seed {r['seed']})" for r in ordered if r["status"] == "failed"]
         if failed:
-            console.print(f"[bold red]{len(failed)} of {len(ordered)} runs failed: {escape(', '.join(failed))}[/bold red] "
-                          "(see report.md)")
+            console.print(f"[bold red]{len(failed)} of {len(ordered)} runs failed: "
+                          f"{escape(', '.join(failed))}[/bold red] (see report.md)")
     accelerator.wait_for_everyone()
     if code:
         return code

@@ -12,17 +12,26 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from .engine import extra_metrics as library_metrics
-from .output import library_logs as logs
-from .core.config import DataConfig, EvalConfig, save_json
 from .backends.distributed import main_process_first
-from .data.dataset import Collator, load_data_file, take_sample, build_splits, clean, make_loader, resolve_max_length, tokenize
+from .core.config import DataConfig, EvalConfig, save_json
 from .core.errors import ToolkitError
+from .data.dataset import (
+    Collator,
+    build_splits,
+    clean,
+    load_data_file,
+    make_loader,
+    resolve_max_length,
+    take_sample,
+    tokenize,
+)
+from .engine import extra_metrics as library_metrics
+from .engine.load import Saved, load_saved
 from .engine.loop import validate
 from .engine.metrics import f1_average
+from .output import library_logs as logs
 from .output.console import RunLog
-from .engine.load import Saved, load_saved
-from .train import shared_output_dir, setup, write_predictions
+from .train import setup, shared_output_dir, write_predictions
 
 
 def eval_split(cfg: DataConfig, log=print) -> Dataset:
@@ -40,7 +49,8 @@ def eval_split(cfg: DataConfig, log=print) -> Dataset:
 def data_config(cfg: EvalConfig, saved: Saved) -> DataConfig:
     if cfg.same_data:
         if not saved.run_config:
-            raise ToolkitError(f"--same-data needs the run's settings, but no training config.json belongs to {cfg.model}",
+            raise ToolkitError("--same-data needs the run's settings, but no training config.json belongs to "
+                               f"{cfg.model}",
                                "pass the data options instead (--task, --data-dir, --eval-file, --eval-samples, ...)")
         known = {f.name for f in dataclasses.fields(DataConfig)}
         data = DataConfig(**{k: v for k, v in saved.run_config["data"].items() if k in known})
@@ -64,7 +74,8 @@ def main(cfg: EvalConfig) -> int:
     model, tokenizer = saved.model, saved.tokenizer
     with main_process_first(accelerator, cfg.data.data_timeout):  # rank 0 fills the datasets cache, the others read it
         eval_ds = eval_split(data, run_log.print)
-        max_length = resolve_max_length(data.max_length, tokenizer, getattr(model.config, "max_position_embeddings", None))
+        max_length = resolve_max_length(data.max_length, tokenizer,
+                                        getattr(model.config, "max_position_embeddings", None))
         eval_tok = tokenize(eval_ds, tokenizer, max_length, data.num_proc)
     batch_size = cfg.eval_batch_size or saved.train_eval_batch_size or 32
     loader = make_loader(eval_tok, Collator(tokenizer, 8 if accelerator.device.type == "cuda" else None),

@@ -22,8 +22,8 @@ from rich.console import Console
 from transformers.utils import logging as hf_logging
 
 from .core.config import option
-from .data.dataset import resolve_max_length
 from .core.errors import ToolkitError
+from .data.dataset import resolve_max_length
 from .engine.load import LAYOUTS, load_saved
 
 TABLE_FORMATS = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True),
@@ -53,14 +53,16 @@ def read_texts(source: str, column: str) -> list[tuple[int, str]]:
     if suffix == ".txt":
         return _nonblank(enumerate(path.read_text(encoding="utf-8").splitlines()), path)
     if suffix not in TABLE_FORMATS:
-        raise ToolkitError(f"unsupported input type '{path.suffix}' for {path}", f"use .txt, {', '.join(TABLE_FORMATS)}")
+        raise ToolkitError(f"unsupported input type '{path.suffix}' for {path}",
+                           f"use .txt, {', '.join(TABLE_FORMATS)}")
     try:
         table = TABLE_FORMATS[suffix](path)
     except (ValueError, pd.errors.EmptyDataError) as exc:
         raise ToolkitError(f"could not read {path}: {str(exc).splitlines()[0][:200] or 'it is empty'}",
                            f"give a valid {suffix} file with a '{column}' column") from exc
     if column not in table.columns:
-        raise ToolkitError(f"{path} has no column '{column}'; it has {list(table.columns)}", "name it with --text-column")
+        raise ToolkitError(f"{path} has no column '{column}'; it has {list(table.columns)}",
+                           "name it with --text-column")
     return _nonblank(((i, "" if pd.isna(t) else str(t)) for i, t in enumerate(table[column])), path)
 
 
@@ -69,7 +71,8 @@ def _nonblank(rows, path: Path | None = None) -> list[tuple[int, str]]:
     kept = [(i, t) for i, t in rows if t.strip()]
     where = path or "stdin"
     if not kept:
-        raise ToolkitError(f"no texts to classify in {where} ({len(rows)} rows, all blank)" if rows else f"{where} is empty",
+        raise ToolkitError(f"no texts to classify in {where} ({len(rows)} rows, all blank)" if rows
+                           else f"{where} is empty",
                            "give one text per line (.txt / stdin) or a text column (.csv / .jsonl / .parquet)")
     if len(kept) < len(rows):
         Console(stderr=True).print(f"[yellow]skipped {len(rows) - len(kept)} blank text(s) in {where}[/yellow]")

@@ -17,32 +17,45 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.commands.config.config_args import default_config_file as accelerate_default_config_file
-from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, broadcast_object_list,
-                               set_seed)
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    DistributedType,
+    broadcast_object_list,
+    set_seed,
+)
 from transformers import get_linear_schedule_with_warmup
 
-from .engine import checkpoint as ckpt
-from .output import curves, library_logs as logs, trackers as tracking
-from .engine import extra_metrics as library_metrics
-from .policy import lora
 from .backends.cluster import detect, export_torch_distributed_env
+from .backends.distributed import main_process_first, process_group_kwargs
+from .backends.precision import (
+    device_capability,
+    enable_tf32,
+    has_kernels,
+    launcher_command_line,
+    resolve_mixed_precision,
+    tf32_applies,
+)
+from .backends.preemption import StopRequest
 from .core import exit_codes
 from .core.config import DEFAULT_DIST_TIMEOUT_S, TrainConfig, save_json
-from .backends.distributed import main_process_first, process_group_kwargs
-from .data.dataset import Collator, build_splits, make_loader, resolve_max_length, tokenize
 from .core.errors import ToolkitError
-from .policy.blocks import summarize
+from .data.dataset import Collator, build_splits, make_loader, resolve_max_length, tokenize
+from .engine import checkpoint as ckpt
+from .engine import extra_metrics as library_metrics
+from .engine.flops import CurrentFlops, FlopModel, device_peak_flops
 from .engine.frozen_cache import FrozenCache
 from .engine.loop import EvalResult, TrainState, fit, validate
 from .engine.memory import reset_peak, run_memory
 from .engine.metrics import f1_average
 from .engine.model import build_optimizer, fsdp_wrap_classes, load_model, load_tokenizer, max_positions
-from .policy.policy import Policy, disable_frozen_dropout
-from .backends.precision import (device_capability, enable_tf32, has_kernels, launcher_command_line, resolve_mixed_precision,
-                        tf32_applies)
-from .backends.preemption import StopRequest
+from .output import curves
+from .output import library_logs as logs
+from .output import trackers as tracking
 from .output.console import RunLog
-from .engine.flops import CurrentFlops, FlopModel, device_peak_flops
+from .policy import lora
+from .policy.blocks import summarize
+from .policy.policy import Policy, disable_frozen_dropout
 
 
 def setup(cpu: bool, mixed_precision: str | None, grad_accum: int = 1, dist_timeout_s: float = DEFAULT_DIST_TIMEOUT_S,
@@ -150,7 +163,8 @@ def open_output_dir(accelerator: Accelerator, out: Path, resume_from: str | None
             answer[0] = ckpt.resolve_resume(resume_from, out, log)
         except OSError as err:
             answer[1] = (f"cannot write to the output folder {out}: {err}",
-                         "pass an --output-dir that can be created and written (check the path, permissions and free space)")
+                         "pass an --output-dir that can be created and written (check the path, permissions and free "
+                         "space)")
         except ToolkitError as err:
             answer[1] = (err.problem, err.fix)
     broadcast_object_list(answer, from_process=0)
@@ -169,7 +183,8 @@ def write_predictions(path: Path, result: EvalResult) -> None:
 def main(cfg: TrainConfig) -> int:
     policy = Policy.from_config(cfg)  # the one parse of --freeze & co; a typo fails before anything loads
     if cfg.cache_frozen and cfg.frozen_dropout:
-        raise ToolkitError("--cache-frozen computes the frozen part once, without dropout, so --frozen-dropout cannot apply",
+        raise ToolkitError("--cache-frozen computes the frozen part once, without dropout, so --frozen-dropout cannot "
+                           "apply",
                            "drop one of the two flags")
     trackers = tracking.check(cfg.report_to)
     extra_metrics = library_metrics.load(cfg.metrics)  # loaded now: a bad name must fail before any output
@@ -211,7 +226,8 @@ def main(cfg: TrainConfig) -> int:
     recorded = ckpt.read_progress(resume).get("policy") if resume is not None else None
     wanted = policy.record()
     # a checkpoint from before the LoRA settings were recorded is checked on its spelling alone
-    if recorded is not None and (recorded["spec"], recorded.get("lora", wanted["lora"])) != (wanted["spec"], wanted["lora"]):
+    if recorded is not None and (recorded["spec"], recorded.get("lora", wanted["lora"])) != (wanted["spec"],
+                                                                                             wanted["lora"]):
         raise ToolkitError(f"checkpoint {resume} was trained with policy {Policy.describe_record(recorded)}, this run "
                            f"asks for {Policy.describe_record(wanted)}",
                            "resume with the same --freeze / --layer-lr-decay / --unfreeze-* / --lora-* options")
@@ -239,7 +255,8 @@ def main(cfg: TrainConfig) -> int:
         accelerator.device.type, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     cache = None
     if cfg.cache_frozen:  # the frozen part runs once here; the loaders then carry its outputs
-        cache = FrozenCache.build(accelerator, model, policy, train_ds, eval_ds, collator, eval_batch_size, run_log.print)
+        cache = FrozenCache.build(accelerator, model, policy, train_ds, eval_ds, collator, eval_batch_size,
+                                  run_log.print)
         train_loader = cache.loader("train", cfg.batch_size, cfg.seed, cfg.group_by_length, workers)
         eval_loader = cache.loader("eval", eval_batch_size, cfg.seed, num_workers=workers)
     else:
@@ -272,10 +289,12 @@ def main(cfg: TrainConfig) -> int:
         # None, so Accelerate cannot infer the micro batch), and DeepSpeed clips inside its engine
         # (accelerator.clip_grad_norm_ only reports the norm there): both come from our own arguments.
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        for key, value in (("train_micro_batch_size_per_gpu", cfg.batch_size), ("gradient_clipping", cfg.max_grad_norm)):
+        for key, value in (("train_micro_batch_size_per_gpu", cfg.batch_size), ("gradient_clipping",
+                                                                                cfg.max_grad_norm)):
             if ds_config.get(key, "auto") == "auto":
                 ds_config[key] = value
-    if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap is None:
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap is None:
         accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = fsdp_wrap_classes(model)  # one unit per block
     if cfg.compile:  # after the probe above, which runs on the host: compiling there would compile for the CPU first
         model.compile(dynamic=True)  # in place: parameter names, checkpoints and saving are unchanged
@@ -307,7 +326,8 @@ def main(cfg: TrainConfig) -> int:
     if cache is not None:
         state.train_runtime_s += cache.train_seconds  # it replaced the frozen part's forward passes
     try:
-        tracking.start(accelerator, run_log, trackers, out, cfg.run_name or tracking.default_run_name(out), cfg.to_dict(),
+        tracking.start(accelerator, run_log, trackers, out, cfg.run_name or tracking.default_run_name(out),
+                       cfg.to_dict(),
                        resume_step=state.global_step if resume is not None else None, verbosity=verbosity)
     except ToolkitError:
         if created:  # a tracker's bad settings are bad input: the new run leaves no folder behind
@@ -319,10 +339,12 @@ def main(cfg: TrainConfig) -> int:
     def evaluate(epoch: int) -> EvalResult:
         if state.global_step in last_eval:
             return last_eval[state.global_step]
-        result = last_eval[state.global_step] = validate(accelerator, model, eval_loader, cfg.data.num_labels, len(eval_ds),
+        result = last_eval[state.global_step] = validate(accelerator, model, eval_loader, cfg.data.num_labels,
+                                                         len(eval_ds),
                                                         cfg.data.label_names)
         if extra_metrics and accelerator.is_main_process:  # on the gathered, de-duplicated rows, main process only
-            result.metrics.update(library_metrics.compute(extra_metrics, result.labels, result.preds, cfg.data.num_labels))
+            result.metrics.update(library_metrics.compute(extra_metrics, result.labels, result.preds,
+                                                          cfg.data.num_labels))
         run_log.record({"epoch": epoch, "step": state.global_step, **{f"eval_{k}" if not k.startswith("eval") else k: v
                                                                        for k, v in result.metrics.items()}})
         run_log.print(f"epoch {epoch}: f1 {result.metrics['f1']:.4f} accuracy {result.metrics['accuracy']:.4f} "
@@ -335,13 +357,15 @@ def main(cfg: TrainConfig) -> int:
                  checkpoint_every=cfg.checkpoint_every, run_log=run_log, stop=stop, evaluate=evaluate,
                  checkpoint=lambda s: ckpt.save_checkpoint(
                      accelerator, out, {"state": s.to_dict(), "config": cfg.to_dict(),
-                                        "policy": {**policy.record(), "stage": policy.stage(raw_model, s.global_step).spec}},
+                                        "policy": {**policy.record(),
+                                                   "stage": policy.stage(raw_model, s.global_step).spec}},
                      cfg.keep_checkpoints),
                  flop_model=flop_model, peak_flops=peak_flops, max_skipped_steps=cfg.max_skipped_steps,
                  on_step=thaw if policy.gradual else None)
     if status == "preempted":
         tracking.finish(accelerator, run_log)
-        run_log.print(f"[yellow]checkpoint saved; exiting with {exit_codes.PREEMPTED} so the job can be requeued[/yellow]")
+        run_log.print(f"[yellow]checkpoint saved; exiting with {exit_codes.PREEMPTED} so the job can be "
+                      "requeued[/yellow]")
         return exit_codes.PREEMPTED
 
     # ---- final outputs (the eval is cheap next to training and makes the files self-consistent)
@@ -359,7 +383,8 @@ def main(cfg: TrainConfig) -> int:
             "train_samples_per_s": state.samples_seen / state.train_runtime_s if state.train_runtime_s else 0.0,
             "train_samples": state.samples_seen,
             "train_tokens_per_s": state.tokens_seen / state.train_runtime_s if state.train_runtime_s else 0.0,
-            "train_padding_fraction": 1 - state.tokens_seen / state.padded_tokens_seen if state.padded_tokens_seen else 0.0,
+            "train_padding_fraction": (1 - state.tokens_seen / state.padded_tokens_seen
+                                       if state.padded_tokens_seen else 0.0),
             "train_model_tflops": state.model_flops / 1e12,
             "mfu": (state.model_flops / state.train_runtime_s / (peak_flops * accelerator.num_processes)
                     if peak_flops and state.train_runtime_s else None),

@@ -23,7 +23,6 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from ..core.config import DEFAULT_DATA_TIMEOUT_S
 
-
 _cpu_group: list[Any] = []  # created once per process, on first use
 
 

@@ -76,7 +76,8 @@ def _launch_args(argv: list[str]) -> list[str] | None:
     for i, token in enumerate(argv[:-1]):
         if token == "-m" and argv[i + 1] == "accelerate.commands.launch":
             return argv[i + 2:]
-        if Path(token).name in ("accelerate", "accelerate_cli.py") or (token == "-m" and argv[i + 1].startswith("accelerate.")):
+        launcher = Path(token).name in ("accelerate", "accelerate_cli.py")
+        if launcher or (token == "-m" and argv[i + 1].startswith("accelerate.")):
             rest = argv[i + 1:] if token != "-m" else argv[i + 2:]
             return rest[1:] if rest and rest[0] == "launch" else None
     return None

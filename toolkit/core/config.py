@@ -31,8 +31,10 @@ _opt = option  # the short spelling the fields below use
 @dataclass
 class DataConfig:
     task: str = _opt("imdb-subset", "preset: imdb, imdb-subset, amazon-subset, amazon (see README)")
-    data_dir: Optional[str] = _opt(None, "local folder with the preset's files (e.g. ../shared/data) instead of the Hub")
-    train_file: Optional[str] = _opt(None, "local train file (.parquet, .csv, .jsonl/.json); overrides the preset's source")
+    data_dir: Optional[str] = _opt(None, "local folder with the preset's files (e.g. ../shared/data) instead of the "
+                                         "Hub")
+    train_file: Optional[str] = _opt(None, "local train file (.parquet, .csv, .jsonl/.json); overrides the preset's "
+                                           "source")
     eval_file: Optional[str] = _opt(None, "local eval file; without it, --train-file is split by --eval-fraction")
     eval_fraction: float = _opt(0.2, "share of --train-file held out for evaluation when no --eval-file is given")
     text_column: Optional[str] = _opt(None, "text column; 'title,content' joins several (default: the preset's)")
@@ -40,14 +42,16 @@ class DataConfig:
     label_names: Optional[list] = _opt(None, "class names in id order, comma-separated (e.g. neg,pos so that pos = 1); "
                                              "default: sorted names from the training labels, or the preset's",
                                        type=lambda s: [n.strip() for n in s.split(",")])
-    num_labels: Optional[int] = _opt(None, "number of classes (default: inferred from the training labels; checked when given)")
+    num_labels: Optional[int] = _opt(None, "number of classes (default: inferred from the training labels; checked "
+                                           "when given)")
     file_encoding: str = _opt("utf-8", "text encoding of CSV / JSON files (e.g. latin-1, cp1252, utf-16)")
     train_samples: Optional[int] = _opt(None, "number of training examples (default: the preset's)")
     eval_samples: Optional[int] = _opt(None, "number of evaluation examples (default: the preset's)")
     max_length: Optional[int] = _opt(None, "truncate to this many tokens (default: the model's maximum)")
     data_seed: int = _opt(42, "seed for subset sampling and splits (the seed recipe uses 42)")
-    data_timeout: float = _opt(DEFAULT_DATA_TIMEOUT_S, "seconds the other processes wait for rank 0 to load and tokenize the data "
-                                         "(on a gloo group of its own, apart from --dist-timeout)")
+    data_timeout: float = _opt(DEFAULT_DATA_TIMEOUT_S,
+                               "seconds the other processes wait for rank 0 to load and tokenize the data "
+                               "(on a gloo group of its own, apart from --dist-timeout)")
     num_proc: Optional[int] = _opt(None, "processes for tokenization (default: the CPU cores this process may use, "
                                          "at most 8, and 1 below 20k rows)")
     cache_dir: Optional[str] = _opt(None, "datasets cache folder (default: HF_DATASETS_CACHE); put it on a shared "
@@ -57,13 +61,14 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     model: str = _opt(DEFAULT_MODEL, "Hub name or local folder of a pretrained encoder")
-    freeze: str = _opt("none", "none | lastN (e.g. last2: last N blocks + pooler + classifier) | head (classifier only) "
-                               "| lora (LoRA adapters + pooler + classifier, see --lora-*)")
-    layer_lr_decay: float = _opt(1.0, "layer-wise lr decay F in (0, 1]: head and pooler get --lr, block i of L lr*F^(L-i), "
-                                      "embeddings lr*F^(L+1); 1 = off (with --freeze none or lastN)")
+    freeze: str = _opt("none", "none | lastN (e.g. last2: last N blocks + pooler + classifier) | head (classifier "
+                               "only) | lora (LoRA adapters + pooler + classifier, see --lora-*)")
+    layer_lr_decay: float = _opt(1.0, "layer-wise lr decay F in (0, 1]: head and pooler get --lr, block i of L "
+                                      "lr*F^(L-i), embeddings lr*F^(L+1); 1 = off (with --freeze none or lastN)")
     unfreeze_every: int = _opt(0, "gradual unfreezing: every N optimizer steps thaw the next block from the top (the "
                                   "pooler with the first), starting from --freeze; 0 = off")
-    unfreeze_to: Optional[str] = _opt(None, "where gradual unfreezing stops: lastN or none (default none; needs --unfreeze-every)")
+    unfreeze_to: Optional[str] = _opt(None, "where gradual unfreezing stops: lastN or none (default none; needs "
+                                            "--unfreeze-every)")
     lora_r: int = _opt(8, "--freeze lora: rank of the LoRA update matrices (>= 1)")
     lora_alpha: float = _opt(16.0, "--freeze lora: LoRA scale alpha (the update is scaled by alpha / r)")
     lora_dropout: float = _opt(0.1, "--freeze lora: dropout on the LoRA branch's input, in [0, 1)")
@@ -79,12 +84,15 @@ class TrainConfig:
     grad_accum: int = _opt(1, "gradient accumulation steps")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 disables)")
     warmup_ratio: float = _opt(0.0, "share of steps with linear warm-up")
-    mixed_precision: Optional[str] = _opt(None, "no | fp16 | bf16 (default: the accelerate config, else chosen for the device)")
+    mixed_precision: Optional[str] = _opt(None, "no | fp16 | bf16 (default: the accelerate config, else chosen for the "
+                                                "device)")
     seed: int = _opt(42, "seed for initialisation, dropout and data order")
     cpu: bool = _opt(False, "run on CPU even if a GPU is visible (automatic when none is)")
-    tf32: bool = _opt(True, "fp32 matmuls on TF32 tensor cores on GPUs with compute capability >= 8.0 (--no-tf32: full fp32)")
-    dist_timeout: float = _opt(DEFAULT_DIST_TIMEOUT_S, "seconds a collective may wait for the other processes before the run fails "
-                                     "(the process group's timeout; the data phase has --data-timeout)")
+    tf32: bool = _opt(True, "fp32 matmuls on TF32 tensor cores on GPUs with compute capability >= 8.0 (--no-tf32: full "
+                            "fp32)")
+    dist_timeout: float = _opt(DEFAULT_DIST_TIMEOUT_S,
+                               "seconds a collective may wait for the other processes before the run fails "
+                               "(the process group's timeout; the data phase has --data-timeout)")
     output_dir: Optional[str] = _opt(None, "run folder (default: runs/<task>-<freeze>-<time>)")
     resume_from: Optional[str] = _opt(None, "checkpoint folder, or 'auto' for the newest one in --output-dir")
     checkpoint_every: int = _opt(0, "also checkpoint every N optimizer steps (0: only at the end of each epoch)")
@@ -93,14 +101,15 @@ class TrainConfig:
     max_skipped_steps: int = _opt(100, "fp16: stop (exit 3) after more than this many optimizer steps in a row skipped "
                                        "by the loss scaler (a few are normal; a long run means inf/NaN gradients)")
     stop_file: Optional[str] = _opt(None, "if this file appears, checkpoint at the next step and exit 75 (for requeue)")
-    num_workers: Optional[int] = _opt(None, "DataLoader worker processes (default: 0 on CPU; on a GPU up to 4 per process)")
-    group_by_length: bool = _opt(True, "train on shuffled groups of similar-length rows (less padding, order still random); "
-                                       "--no-group-by-length: plain random batches")
+    num_workers: Optional[int] = _opt(None, "DataLoader worker processes (default: 0 on CPU; on a GPU up to 4 per "
+                                            "process)")
+    group_by_length: bool = _opt(True, "train on shuffled groups of similar-length rows (less padding, order still "
+                                       "random); --no-group-by-length: plain random batches")
     frozen_dropout: bool = _opt(False, "--frozen-dropout: dropout in the frozen layers too, as the seeds' Trainer did; "
-                                       "default: the frozen part runs as in inference, without dropout (up to 2x faster "
-                                       "on CPU, same F1 within seed noise; see README, Performance)")
-    cache_frozen: bool = _opt(False, "head/lastN: compute the frozen part's outputs once (eval mode, no dropout) and train "
-                                     "the trainable part on them every epoch (see docs/performance.md)")
+                                       "default: the frozen part runs as in inference, without dropout (up to 2x "
+                                       "faster on CPU, same F1 within seed noise; see README, Performance)")
+    cache_frozen: bool = _opt(False, "head/lastN: compute the frozen part's outputs once (eval mode, no dropout) and "
+                                     "train the trainable part on them every epoch (see docs/performance.md)")
     compile: bool = _opt(False, "torch.compile the model (opt-in: compile time is only repaid by long runs)")
     report_to: str = _opt("none", "experiment trackers, comma-separated: tensorboard, wandb, mlflow, trackio (or none)")
     run_name: Optional[str] = _opt(None, "the run's name in the trackers (default: the output folder's name)")
@@ -123,15 +132,20 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    model: str = _opt(None, "what to score: a run folder, its model/ folder, or a checkpoints/step-N folder", required=True)
-    same_data: bool = _opt(False, "score on the run's own eval set (its data options; --data-dir still relocates the files)")
+    model: str = _opt(None, "what to score: a run folder, its model/ folder, or a checkpoints/step-N folder",
+                      required=True)
+    same_data: bool = _opt(False, "score on the run's own eval set (its data options; --data-dir still relocates the "
+                                  "files)")
     eval_batch_size: Optional[int] = _opt(None, "evaluation batch size per device (default: the run's, else 32)")
     mixed_precision: Optional[str] = _opt(None, "no | fp16 | bf16")
     cpu: bool = _opt(False, "run on CPU even if a GPU is visible")
-    tf32: bool = _opt(True, "fp32 matmuls on TF32 tensor cores on GPUs with compute capability >= 8.0 (--no-tf32: full fp32)")
-    dist_timeout: float = _opt(DEFAULT_DIST_TIMEOUT_S, "seconds a collective may wait for the other processes (process-group timeout)")
+    tf32: bool = _opt(True, "fp32 matmuls on TF32 tensor cores on GPUs with compute capability >= 8.0 (--no-tf32: full "
+                            "fp32)")
+    dist_timeout: float = _opt(DEFAULT_DIST_TIMEOUT_S,
+                               "seconds a collective may wait for the other processes (process-group timeout)")
     seed: int = _opt(42, "seed")
-    output_dir: Optional[str] = _opt(None, "where metrics.json and predictions.csv go (default: runs/eval-<task>-<time>)")
+    output_dir: Optional[str] = _opt(None, "where metrics.json and predictions.csv go (default: "
+                                           "runs/eval-<task>-<time>)")
     metrics: Optional[str] = _opt(None, "extra metrics from the `evaluate` library (see train --help)")
     data: DataConfig = field(default_factory=DataConfig)
 

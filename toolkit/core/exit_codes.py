@@ -8,7 +8,7 @@ is in its failure summary.
 OK = 0
 SOME_RUNS_FAILED = 1  # compare: at least one (policy, seed) run failed; the others finished (see report.md)
 BAD_INPUT = 2  # ToolkitError: found before training (or a tracker that cannot start); nothing written
-DIVERGED = 3  # non-finite loss or eval, or too many fp16-skipped steps: not 0 (no result), not 75 (it would diverge again)
+DIVERGED = 3  # non-finite loss or eval, or fp16 skipping on and on: not 0 (no result), not 75 (it would diverge again)
 SAVE_FAILED = 4  # a checkpoint could not be written (disk full, read-only, something in the way)
 PREEMPTED = 75  # EX_TEMPFAIL, "try again later": a stop request was honoured and a checkpoint saved; requeue
 

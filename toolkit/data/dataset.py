@@ -52,14 +52,16 @@ PRESETS = {
     # The seed recipe: 4000 + 4000 train reviews and 1000 + 1000 test reviews, seed 42.
     "imdb-subset": Preset("stanfordnlp/imdb", "imdb", "text", "train", "test", 8000, 2000, "balanced"),
     # The seed recipe: train[:10000], then an 80/20 split.
-    "amazon-subset": Preset("fancyzhx/amazon_polarity", "amazon_polarity", "content", "train", None, 8000, 2000, "head-split"),
+    "amazon-subset": Preset("fancyzhx/amazon_polarity", "amazon_polarity", "content", "train", None, 8000, 2000,
+                            "head-split"),
     "amazon": Preset("fancyzhx/amazon_polarity", "amazon_polarity", "content", "train", "test", None, None, "all"),
 }
 
 
 def get_preset(task: str) -> Preset:
     if task not in PRESETS:
-        raise ToolkitError(f"unknown task '{task}'", f"use one of: {', '.join(PRESETS)} (or --train-file for your own data)")
+        raise ToolkitError(f"unknown task '{task}'",
+                           f"use one of: {', '.join(PRESETS)} (or --train-file for your own data)")
     return PRESETS[task]
 
 
@@ -73,7 +75,8 @@ ENCODING_FIX = ("pass --file-encoding with the file's encoding (e.g. latin-1, cp
 def load_data_file(path: Path, encoding: str = "utf-8", cache_dir: str | None = None) -> Dataset:
     """A local file as a Dataset; every way a file can be unreadable ends in one ToolkitError."""
     if not path.exists():
-        raise ToolkitError(f"data file not found: {path}", "check the path, or pass --data-dir / --train-file / --eval-file")
+        raise ToolkitError(f"data file not found: {path}",
+                           "check the path, or pass --data-dir / --train-file / --eval-file")
     fmt = FILE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ToolkitError(f"unsupported file type '{path.suffix}' for {path}", f"use one of {', '.join(FILE_FORMATS)}")
@@ -82,7 +85,8 @@ def load_data_file(path: Path, encoding: str = "utf-8", cache_dir: str | None = 
     try:
         codecs.lookup(encoding)
     except LookupError:
-        raise ToolkitError(f"unknown --file-encoding '{encoding}'", "use a Python codec name: utf-8, latin-1, cp1252, utf-16, ...")
+        raise ToolkitError(f"unknown --file-encoding '{encoding}'",
+                           "use a Python codec name: utf-8, latin-1, cp1252, utf-16, ...")
     columns = _header(path, fmt, encoding)
     dupes = sorted({c for c in columns if columns.count(c) > 1})
     if dupes:
@@ -98,7 +102,8 @@ def load_data_file(path: Path, encoding: str = "utf-8", cache_dir: str | None = 
     finally:
         datasets.logging.set_verbosity(verbosity)
     if len(ds) == 0:
-        raise ToolkitError(f"data file {path} has no rows", "add rows to the file (below its header), or pass another file")
+        raise ToolkitError(f"data file {path} has no rows",
+                           "add rows to the file (below its header), or pass another file")
     return ds
 
 
@@ -131,9 +136,12 @@ def _read_error(path: Path, fmt: str, encoding: str, exc: BaseException) -> Tool
     for err in chain:
         if isinstance(err, UnicodeError):
             return _encoding_error(path, encoding, err)
-        if "corresponds to no data" in str(err) or isinstance(err, StopIteration) or type(err).__name__ == "EmptyDataError":
-            return ToolkitError(f"data file {path} has no rows", "add rows to the file (below its header), or pass another file")
-    detail = next((f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" for e in reversed(chain) if str(e)), type(exc).__name__)
+        empty = "corresponds to no data" in str(err) or type(err).__name__ == "EmptyDataError"
+        if empty or isinstance(err, StopIteration):
+            return ToolkitError(f"data file {path} has no rows",
+                                "add rows to the file (below its header), or pass another file")
+    detail = next((f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" for e in reversed(chain) if str(e)),
+                  type(exc).__name__)
     what = {"json": "JSON / JSON Lines (one object per line)", "csv": "CSV", "parquet": "Parquet"}[fmt]
     return ToolkitError(f"could not read {path} as {what}: {detail}",
                         f"check the file's format (it must be {what}), or re-export it")
@@ -147,8 +155,9 @@ def _find_split_file(data_dir: Path, preset: Preset, split: str) -> Path:
         if path.exists():
             return path
     raise ToolkitError(
-        f"no '{split}' file for this task in {data_dir} (looked for {preset.local_name}/{split}.parquet|csv|jsonl|json)",
-        f"put the file there, or name it with --train-file / --eval-file",
+        f"no '{split}' file for this task in {data_dir} "
+        f"(looked for {preset.local_name}/{split}.parquet|csv|jsonl|json)",
+        "put the file there, or name it with --train-file / --eval-file",
     )
 
 
@@ -157,8 +166,10 @@ def _load_hub(preset: Preset, split: str, cache_dir: str | None = None) -> Datas
         return datasets.load_dataset(preset.hub_name, split=split, cache_dir=cache_dir)
     except Exception as exc:  # offline, no cache, or no such dataset
         raise ToolkitError(
-            f"could not load '{preset.hub_name}' ({split}) from the Hugging Face Hub: {type(exc).__name__}: {str(exc)[:200]}",
-            "without Hub access, pass --data-dir DIR (with e.g. imdb/train.parquet, imdb/test.parquet) or --train-file/--eval-file",
+            f"could not load '{preset.hub_name}' ({split}) from the Hugging Face Hub: {type(exc).__name__}: "
+            f"{str(exc)[:200]}",
+            "without Hub access, pass --data-dir DIR (with e.g. imdb/train.parquet, imdb/test.parquet) or "
+            "--train-file/--eval-file",
         ) from exc
 
 
@@ -224,7 +235,8 @@ def resolve_labels(ds: Dataset, cfg: DataConfig, name: str = "train") -> None:
         if given is not None:
             unknown = [v for v in found if v not in given]
             if unknown:
-                raise ToolkitError(f"{name} labels {unknown[:10]} in column '{cfg.label_column}' are not in --label-names {given}",
+                raise ToolkitError(f"{name} labels {unknown[:10]} in column '{cfg.label_column}' are not in "
+                                   f"--label-names {given}",
                                    "add them to --label-names (its order gives the ids 0, 1, ...)")
         names = given or found
         if cfg.num_labels is not None and cfg.num_labels != len(names):
@@ -349,7 +361,8 @@ def _balanced(ds: Dataset, n: int, num_labels: int, seed: int, name: str) -> Dat
         want = n // num_labels + (1 if cls < n % num_labels else 0)
         idx = np.flatnonzero(labels == cls)
         if len(idx) < want:
-            raise ToolkitError(f"{name}: class {cls} has {len(idx)} examples, {want} needed for a balanced subset", "ask for fewer samples")
+            raise ToolkitError(f"{name}: class {cls} has {len(idx)} examples, {want} needed for a balanced subset",
+                               "ask for fewer samples")
         parts.append(ds.select(idx).shuffle(seed=seed).select(range(want)))
     return concatenate_datasets(parts).shuffle(seed=seed).flatten_indices()
 
@@ -382,7 +395,8 @@ def build_splits(cfg: DataConfig, log=print) -> tuple[Dataset, Dataset]:
             pool = pool.select(range(min(len(pool), (n_train or 8000) + (n_eval or 2000))))
         test_size = n_eval if n_eval is not None else max(1, round(len(pool) * cfg.eval_fraction))
         if test_size >= len(pool):
-            raise ToolkitError(f"eval share {test_size} leaves no training rows out of {len(pool)}", "lower --eval-samples")
+            raise ToolkitError(f"eval share {test_size} leaves no training rows out of {len(pool)}",
+                               "lower --eval-samples")
         split = pool.train_test_split(test_size=test_size, seed=cfg.data_seed)
         return take_sample(split["train"], n_train, cfg.data_seed), split["test"]
 
@@ -449,13 +463,15 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, n
                       num_proc=num_proc if num_proc > 1 else None, new_fingerprint=fingerprint, desc="tokenize")
 
 
-def resolve_max_length(requested: int | None, tokenizer: PreTrainedTokenizerBase, model_max_positions: int | None) -> int:
+def resolve_max_length(requested: int | None, tokenizer: PreTrainedTokenizerBase,
+                       model_max_positions: int | None) -> int:
     limits = [n for n in (tokenizer.model_max_length, model_max_positions) if n and n < 1_000_000]
     model_max = min(limits) if limits else 512
     if requested is None:
         return model_max
     if requested < 8 or requested > model_max:
-        raise ToolkitError(f"--max-length {requested} is outside 8..{model_max} for this model", f"pass a value up to {model_max}")
+        raise ToolkitError(f"--max-length {requested} is outside 8..{model_max} for this model",
+                           f"pass a value up to {model_max}")
     return requested
 
 

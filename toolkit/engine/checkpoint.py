@@ -146,7 +146,8 @@ def resolve_resume(resume_from: str | None, output_dir: Path, log: Callable[[str
     if not (path / PROGRESS).is_file():
         found = list_checkpoints(path)  # a run folder: take its newest checkpoint
         if not found:
-            raise ToolkitError(f"no complete checkpoint at {path}", "pass a checkpoints/step-* folder, a run folder, or 'auto'")
+            raise ToolkitError(f"no complete checkpoint at {path}",
+                               "pass a checkpoints/step-* folder, a run folder, or 'auto'")
         path = found[-1]
     problem = verify_checkpoint(path)
     if problem is not None:

@@ -25,7 +25,8 @@ def load(names: str | None) -> list:
     try:
         import evaluate
     except ImportError as exc:
-        raise ToolkitError("--metrics needs the `evaluate` package", "pip install 'bert-finetune-toolkit[evaluate]'") from exc
+        raise ToolkitError("--metrics needs the `evaluate` package",
+                           "pip install 'bert-finetune-toolkit[evaluate]'") from exc
     from evaluate import config as ev_config
 
     loaded = []
@@ -43,7 +44,8 @@ def load(names: str | None) -> list:
                 fix = "check the metric script (an evaluate.Metric subclass in <name>.py)"
             raise ToolkitError(f"could not load metric '{name}' with evaluate.load"
                                f"{' (offline)' if offline and not local else ''}: "
-                               f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}", fix) from exc
+                               f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                               fix) from exc
     return loaded
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..policy import lora
+from ..policy import lora as lora_lib
 from ..policy.blocks import find_blocks, head_modules
 from ..policy.policy import Policy
 
@@ -212,11 +212,11 @@ class CurrentFlops:
 
 
 def lora_flop_model(model: nn.Module, r: int, targets: str | None = None):
-    """Training FLOPs per batch of the LoRA model (FlopModel.for_lora); `model` plain or wrapped, None if not BERT-like."""
-    model = lora.base_of(model)
-    resolved = lora.resolve_targets(model, targets)
+    """Training FLOPs per batch of a LoRA model (FlopModel.for_lora), plain or wrapped; None if not BERT-like."""
+    model = lora_lib.base_of(model)
+    resolved = lora_lib.resolve_targets(model, targets)
     cfg = model.config
-    hidden = lora.hidden_size(model)
+    hidden = lora_lib.hidden_size(model)
     ffn = getattr(cfg, "intermediate_size", None) or getattr(cfg, "hidden_dim", None)
     if not (hidden and ffn):
         return None

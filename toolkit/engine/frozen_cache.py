@@ -38,9 +38,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.dataset import EpochBatchSampler
 from ..backends.distributed import gather_objects
 from ..core.errors import ToolkitError
+from ..data.dataset import EpochBatchSampler
 from ..policy.blocks import find_blocks
 from ..policy.policy import Policy
 
@@ -158,20 +158,23 @@ class FrozenCache:
         base = model.base_model
         embeddings = getattr(base, "embeddings", None)
         if not isinstance(embeddings, nn.Module) or getattr(model.config, "is_decoder", False):
-            raise ToolkitError(f"--cache-frozen supports BERT-style encoders; {type(model).__name__} has no `embeddings`",
+            raise ToolkitError(f"--cache-frozen supports BERT-style encoders; "
+                               f"{type(model).__name__} has no `embeddings`",
                                "drop --cache-frozen for this model")
         _, blocks = find_blocks(model)
         if kind == "head":
             pooler = getattr(base, "pooler", None)
             if not isinstance(pooler, nn.Module):
                 raise ToolkitError(f"--cache-frozen with --freeze head needs a pooler feeding the head; "
-                                   f"{type(model).__name__} has none", "use --freeze last1 --cache-frozen, or drop --cache-frozen")
+                                   f"{type(model).__name__} has none",
+                                   "use --freeze last1 --cache-frozen, or drop --cache-frozen")
             return pooler, len(blocks)
         frozen = len(blocks) - n
         return (blocks[frozen - 1] if frozen > 0 else embeddings), frozen
 
     @staticmethod
-    def estimate_bytes(model: nn.Module, policy: "Policy | str", train_lengths: list[int], eval_lengths: list[int]) -> int:
+    def estimate_bytes(model: nn.Module, policy: "Policy | str", train_lengths: list[int],
+                       eval_lengths: list[int]) -> int:
         """fp32 features held by one process: one vector per row (head) or one per token (lastN)."""
         hidden = model.config.hidden_size
         if Policy.of(policy).kind == "head":
@@ -179,7 +182,8 @@ class FrozenCache:
         return (sum(train_lengths) + sum(eval_lengths)) * hidden * 4
 
     @classmethod
-    def preflight(cls, accelerator, model: nn.Module, policy: "Policy | str", train_ds, eval_ds, memory_share: float = 0.5) -> None:
+    def preflight(cls, accelerator, model: nn.Module, policy: "Policy | str", train_ds, eval_ds,
+                  memory_share: float = 0.5) -> None:
         """Every reason --cache-frozen cannot run, raised before the run writes anything."""
         cls.check(model, policy, accelerator)
         need = cls.estimate_bytes(model, policy, list(train_ds["length"]), list(eval_ds["length"]))
@@ -207,10 +211,12 @@ class FrozenCache:
         was_training = model.training
         model.eval()
         start = time.perf_counter()
-        cache.train = _Features(cache._compute(accelerator, boundary, train_ds, collator, batch_size), list(train_ds["labels"]))
+        cache.train = _Features(cache._compute(accelerator, boundary, train_ds, collator, batch_size),
+                                list(train_ds["labels"]))
         cache.train_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        cache.eval = _Features(cache._compute(accelerator, boundary, eval_ds, collator, batch_size), list(eval_ds["labels"]))
+        cache.eval = _Features(cache._compute(accelerator, boundary, eval_ds, collator, batch_size),
+                               list(eval_ds["labels"]))
         cache.eval_seconds = time.perf_counter() - start
         model.train(was_training)
         cache.nbytes = sum(t.numel() * t.element_size() for t in cache.train.feats + cache.eval.feats)

@@ -19,9 +19,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from .checkpoint import PROGRESS, list_checkpoints
-from ..data.dataset import get_preset
 from ..core.errors import ToolkitError
+from ..data.dataset import get_preset
+from .checkpoint import PROGRESS, list_checkpoints
 from .model import load_model, load_tokenizer
 
 LAYOUTS = "a run folder, its model/ folder, or a checkpoints/step-N folder"
@@ -91,7 +91,8 @@ def _from_model_folder(folder: Path, kind: str, run_config: dict | None) -> Save
         model = AutoModelForSequenceClassification.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
-        raise ToolkitError(f"could not load the model in {folder}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+        raise ToolkitError(f"could not load the model in {folder}: {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200]}",
                            f"pass {LAYOUTS}; a model folder needs config.json, weights and tokenizer files") from exc
     return Saved(model.eval(), tokenizer, kind, folder, run_config)
 
@@ -121,7 +122,8 @@ def _from_checkpoint(folder: Path) -> Saved:
         tokenizer = load_tokenizer(base)
         model = load_model(base, data["num_labels"], labels)
     except ToolkitError as err:
-        raise ToolkitError(f"checkpoint {folder} needs its base model '{base}' (architecture and tokenizer): {err.problem}",
+        raise ToolkitError(f"checkpoint {folder} needs its base model '{base}' (architecture and tokenizer): "
+                           f"{err.problem}",
                            "make that model available at the same path, or score the run's model/ folder") from err
     finally:
         hf_logging.set_verbosity(verbosity)

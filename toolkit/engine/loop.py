@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from ..backends.preemption import StopRequest
 from ..core import exit_codes
 from ..core.errors import RunFailed
-from .metrics import classification_metrics
-from ..backends.preemption import StopRequest
 from ..output.console import RunLog
 from .flops import FlopModel, batch_stats
+from .metrics import classification_metrics
+
 
 @dataclass
 class TrainState:
@@ -152,7 +153,8 @@ def diverged(problem: str, step: int, lr: float, mixed_precision: str) -> RunFai
     if mixed_precision == "fp16":
         advice += ", or use --mixed-precision bf16 (no loss scaling) on GPUs that have it"
     return RunFailed(f"{problem} at optimizer step {step} (learning rate {lr:.3g}). Stopped before saving anything "
-                     "from these weights: earlier checkpoints are untouched; no metrics.json, predictions.csv or model/",
+                     "from these weights: earlier checkpoints are untouched; no metrics.json, predictions.csv or "
+                     "model/",
                      f"{advice}; then --resume-from auto continues from that checkpoint",
                      exit_code=exit_codes.DIVERGED)
 
@@ -213,7 +215,8 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
     with run_log.progress(total_steps, completed=state.global_step) as bar:
         while state.epoch < epochs and state.global_step < total_steps:
             sampler.epoch = state.epoch
-            loader = accelerator.skip_first_batches(train_loader, state.batches_done) if state.batches_done else train_loader
+            loader = (accelerator.skip_first_batches(train_loader, state.batches_done) if state.batches_done
+                      else train_loader)
             for batch in loader:
                 _seed_for_step(seed, state.global_step * accum + state.batches_done % accum, accelerator.process_index)
                 batch.pop("idx")
@@ -250,14 +253,16 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
                 state.tokens_seen += tokens
                 state.padded_tokens_seen += padded
                 state.model_flops += flops
-                window_tokens, window_padded, window_flops = window_tokens + tokens, window_padded + padded, window_flops + flops
+                window_tokens, window_padded = window_tokens + tokens, window_padded + padded
+                window_flops += flops
                 bar.update(1)
                 if on_step is not None:
                     on_step(state.global_step)
                 if state.global_step % log_every == 0 or state.global_step == total_steps:
                     elapsed = time.perf_counter() - window_start
                     mean_loss = accelerator.reduce(window_loss / window_n, reduction="mean").item()
-                    entry = {"step": state.global_step, "epoch": round(state.epoch + state.batches_done / len(train_loader), 4),
+                    entry = {"step": state.global_step,
+                             "epoch": round(state.epoch + state.batches_done / len(train_loader), 4),
                              "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                              "samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed,
                              "padding_fraction": 1 - window_tokens / window_padded if window_padded else 0.0}
@@ -273,7 +278,8 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
                     window_tokens, window_padded, window_flops = 0, 0, 0.0
                 if stop_now:
                     bank_time()
-                    run_log.print(f"[yellow]stop requested ({stop.reason()}): checkpointing at step {state.global_step}[/yellow]")
+                    run_log.print(f"[yellow]stop requested ({stop.reason()}): checkpointing at step "
+                                  f"{state.global_step}[/yellow]")
                     checkpoint(state)
                     return "preempted"
                 if checkpoint_every and state.global_step % checkpoint_every == 0:

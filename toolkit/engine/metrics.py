@@ -25,7 +25,8 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: in
                 "precision": float(precision), "recall": float(recall)}
     ids = list(range(num_labels))
     names = list(label_names) if label_names and len(label_names) == num_labels else [str(i) for i in ids]
-    precision, recall, f1, _ = precision_recall_fscore_support(labels, preds, average="macro", labels=ids, zero_division=0)
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, preds, average="macro", labels=ids,
+                                                               zero_division=0)
     weighted = precision_recall_fscore_support(labels, preds, average="weighted", labels=ids, zero_division=0)[2]
     per_p, per_r, per_f, _ = precision_recall_fscore_support(labels, preds, average=None, labels=ids, zero_division=0)
     metrics = {"f1": float(f1), "accuracy": float(accuracy_score(labels, preds)), "precision": float(precision),

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from ..core.errors import ToolkitError
 from ..policy.policy import Policy
@@ -44,7 +50,8 @@ def load_model(name: str, num_labels: int, label_names: list[str] | tuple[str, .
     pipeline("text-classification") answers with them. `log` gets one line naming the weights the checkpoint
     lacked (the new head), in place of transformers' load report (silenced by logs.configure)."""
     _check_local(name)
-    names = list(label_names) if label_names and len(label_names) == num_labels else [f"LABEL_{i}" for i in range(num_labels)]
+    names = (list(label_names) if label_names and len(label_names) == num_labels
+             else [f"LABEL_{i}" for i in range(num_labels)])
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             name,
@@ -76,7 +83,8 @@ def _check_local(name: str) -> None:
         raise ToolkitError(f"model folder not found: {name}", "check the path given to --model")
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, policy: "Policy | None" = None) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                    policy: "Policy | None" = None) -> torch.optim.AdamW:
     """AdamW over the parameters that require grad, grouped by `policy.param_groups`.
 
     Frozen parameters are left out entirely so no optimizer state is allocated for them;

@@ -57,7 +57,8 @@ class RunLog:
         table.add_column("share", justify="right")
         for name, trainable, total in summary.groups:
             style = "green" if trainable else "dim"
-            table.add_row(name, f"{trainable:,}", f"{total:,}", f"{trainable / total:.0%}" if total else "-", style=style)
+            table.add_row(name, f"{trainable:,}", f"{total:,}", f"{trainable / total:.0%}" if total else "-",
+                          style=style)
         table.add_row("all", f"{summary.trainable:,}", f"{summary.total:,}", f"{summary.share:.2%}", style="bold")
         self.print(table)
 

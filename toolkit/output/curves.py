@@ -103,10 +103,12 @@ def plot(runs: list[Path], target: Path, title: str | None = None) -> Path:
                         label=name if single else (label if key != "eval_accuracy" else None))
                 if single:
                     for x, y in zip(epochs, values):
-                        ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=9)
+                        ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center",
+                                    fontsize=9)
     for ax, name, xlabel in ((ax_loss, "training loss", "optimizer step"), (ax_lr, "learning rate", "optimizer step"),
                              (ax_speed, "training samples/s", "optimizer step"),
-                             (ax_f1, "eval F1 (solid) and accuracy (dashed)", "epoch"), (ax_eloss, "eval loss", "epoch")):
+                             (ax_f1, "eval F1 (solid) and accuracy (dashed)", "epoch"),
+                             (ax_eloss, "eval loss", "epoch")):
         ax.set_title(name)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
@@ -121,7 +123,8 @@ def plot(runs: list[Path], target: Path, title: str | None = None) -> Path:
     ax_f1.set_ylim(-0.02, 1.08)  # scores on their whole scale: a flat 0.5 is chance, not a trend
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     ax_speed.set_ylim(bottom=0)
-    fig.suptitle(title or ("training curves: " + ", ".join(_labels(runs)) if single else f"{len(runs)} runs"), fontsize=13)
+    fig.suptitle(title or ("training curves: " + ", ".join(_labels(runs)) if single else f"{len(runs)} runs"),
+                 fontsize=13)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, dpi=100)
@@ -142,11 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     from ..core.errors import ToolkitError
 
     parser = argparse.ArgumentParser(
-        prog="bert-ft-plot", description="Draw training curves from run folders' metrics.jsonl (several runs: overlaid).")
+        prog="bert-ft-plot",
+        description="Draw training curves from run folders' metrics.jsonl (several runs: overlaid).")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
                         help="run folders, or folders searched for them (e.g. a comparison's OUTPUT_DIR)")
     parser.add_argument("--output", "-o", default=None,
-                        help="PNG to write (default: RUN_DIR/curves.png for one run, else curves.png in the runs' common folder)")
+                        help="PNG to write (default: RUN_DIR/curves.png for one run, else curves.png in the runs' "
+                             "common folder)")
     parser.add_argument("--title", default=None, help="figure title")
     args = parser.parse_args(argv)
     runs = find_runs(args.runs)

@@ -51,7 +51,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
                 best = (name, module)
     if best is None:
         raise ToolkitError(
-            f"{type(model).__name__} has no list of encoder blocks (nn.ModuleList) in its backbone, so lastN cannot be applied",
+            f"{type(model).__name__} has no list of encoder blocks (nn.ModuleList) in its backbone, so lastN cannot be "
+            "applied",
             "use --freeze none or --freeze head for this model",
         )
     return best

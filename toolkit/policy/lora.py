@@ -55,9 +55,11 @@ def check_options(r: int, alpha: float, dropout: float) -> None:
     if r < 1:
         raise ToolkitError(f"--lora-r {r}: the LoRA rank must be at least 1", "use e.g. --lora-r 8 (the default)")
     if alpha <= 0:
-        raise ToolkitError(f"--lora-alpha {alpha}: the LoRA scale must be positive", "use e.g. --lora-alpha 16 (the default)")
+        raise ToolkitError(f"--lora-alpha {alpha}: the LoRA scale must be positive",
+                           "use e.g. --lora-alpha 16 (the default)")
     if not 0 <= dropout < 1:
-        raise ToolkitError(f"--lora-dropout {dropout} is outside [0, 1)", "use e.g. --lora-dropout 0.1 (the default), or 0 for none")
+        raise ToolkitError(f"--lora-dropout {dropout} is outside [0, 1)",
+                           "use e.g. --lora-dropout 0.1 (the default), or 0 for none")
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,8 @@ def resolve_targets(model: nn.Module, targets: str | None = None) -> dict[str, s
     ffn = getattr(cfg, "intermediate_size", None) or getattr(cfg, "hidden_dim", None)
     wanted = None if targets is None else [t.strip() for t in targets.split(",") if t.strip()]
     if wanted is not None and not wanted:
-        raise ToolkitError("--lora-targets is empty", "name module suffixes, e.g. --lora-targets query,value, or leave it out")
+        raise ToolkitError("--lora-targets is empty",
+                           "name module suffixes, e.g. --lora-targets query,value, or leave it out")
     resolved: dict[str, str] = {}
     used: set[str] = set()
     for i, block in enumerate(blocks):
@@ -156,7 +159,8 @@ def resolve_targets(model: nn.Module, targets: str | None = None) -> dict[str, s
             if not hits:
                 continue
             if not isinstance(module, nn.Linear):
-                raise ToolkitError(f"--lora-targets {hits[0]} matches {base}.{name}, a {type(module).__name__}, not a Linear layer",
+                raise ToolkitError(f"--lora-targets {hits[0]} matches {base}.{name}, a {type(module).__name__}, not a "
+                                   "Linear layer",
                                    f"name Linear layers (in a block: {', '.join(_linear_names(block))})")
             used.update(hits)
             shape = (module.in_features, module.out_features)
@@ -203,7 +207,8 @@ def is_lora(model: nn.Module) -> bool:
 
 def adapted_modules(model: nn.Module) -> list[str]:
     """Names (in the plain classifier) of the layers a peft model adapts."""
-    return sorted(name for name, m in base_of(model).named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    return sorted(name for name, m in base_of(model).named_modules()
+                  if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
 
 
 def frozen_prefix(model: nn.Module) -> list[nn.Module]:
@@ -219,10 +224,12 @@ def frozen_prefix(model: nn.Module) -> list[nn.Module]:
 def trained_head_state(peft_model, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Head + pooler weights under the plain model's names ("classifier.weight", "bert.pooler.dense.weight")."""
     base = peft_model.get_base_model()
-    names = {f"{prefix}.{n}" if prefix else n for prefix, m in fully_trained_modules(base).items() for n, _ in m.state_dict().items()}
+    names = {f"{prefix}.{n}" if prefix else n
+             for prefix, m in fully_trained_modules(base).items() for n in m.state_dict()}
     full = state_dict if state_dict is not None else peft_model.state_dict()
     lead = "base_model.model."
-    return {k[len(lead):]: v.detach().cpu().contiguous() for k, v in full.items() if k.startswith(lead) and k[len(lead):] in names}
+    return {k[len(lead):]: v.detach().cpu().contiguous()
+            for k, v in full.items() if k.startswith(lead) and k[len(lead):] in names}
 
 
 def merged_model(peft_model, state_dict: dict[str, torch.Tensor] | None = None):

@@ -33,11 +33,10 @@ from dataclasses import asdict, dataclass, replace
 
 from torch import nn
 
-from . import lora as lora_lib
 from ..core.errors import ToolkitError
+from . import lora as lora_lib
 from .blocks import POST_BLOCK_MODULES, FreezeSummary, find_blocks, head_modules, summarize
 from .lora import LoraSpec
-
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,8 @@ class Policy:
             rest, _, suffix = rest.partition("+")
             match = re.fullmatch(r"llrd(\d*\.?\d+(?:e-?\d+)?)", suffix)
             if not match:
-                raise ToolkitError(f"unknown policy suffix '+{suffix}' in '{text}'", "spell LLRD as +llrdF, e.g. last2+llrd0.9")
+                raise ToolkitError(f"unknown policy suffix '+{suffix}' in '{text}'",
+                                   "spell LLRD as +llrdF, e.g. last2+llrd0.9")
             llrd = float(match.group(1))
         every, target = 0, None
         if ">" in rest:
@@ -84,36 +84,42 @@ class Policy:
             raise ToolkitError(f"--unfreeze-to {cfg.unfreeze_to} without --unfreeze-every",
                                "add --unfreeze-every N (thaw one block every N optimizer steps), or drop --unfreeze-to")
         if cfg.unfreeze_every < 0:
-            raise ToolkitError(f"--unfreeze-every {cfg.unfreeze_every} is negative", "use N >= 1, or 0 for no unfreezing")
+            raise ToolkitError(f"--unfreeze-every {cfg.unfreeze_every} is negative",
+                               "use N >= 1, or 0 for no unfreezing")
         policy = cls.build(cfg.freeze, cfg.layer_lr_decay, cfg.unfreeze_every,
                            (cfg.unfreeze_to or "none") if cfg.unfreeze_every else None)
         return replace(policy, lora=LoraSpec.from_config(cfg)) if policy.kind == "lora" else policy
 
     @classmethod
-    def build(cls, start: str, layer_lr_decay: float = 1.0, unfreeze_every: int = 0, unfreeze_to: str | None = None) -> "Policy":
+    def build(cls, start: str, layer_lr_decay: float = 1.0, unfreeze_every: int = 0,
+              unfreeze_to: str | None = None) -> "Policy":
         """Every check that needs no model; the two parsers above end here."""
         policy = _parse_static(start)
         if "lora" in (policy.kind, unfreeze_to) and (unfreeze_every or layer_lr_decay != 1):
             raise ToolkitError("LoRA combines with neither gradual unfreezing nor layer-wise lr decay: it trains "
-                               "adapters in every block from the first step", "use --freeze lora alone (its settings are "
-                               "the --lora-* flags), or another policy with --unfreeze-every / --layer-lr-decay")
+                               "adapters in every block from the first step",
+                               "use --freeze lora alone (its settings are the --lora-* flags), or another policy "
+                               "with --unfreeze-every / --layer-lr-decay")
         if not 0 < layer_lr_decay <= 1:
             raise ToolkitError(f"--layer-lr-decay {layer_lr_decay:g} is outside (0, 1]",
                                "use a factor in (0, 1], e.g. 0.9 (1 turns layer-wise decay off)")
         if unfreeze_every:
             if policy.kind == "none":
-                raise ToolkitError("gradual unfreezing needs a start policy that freezes something, but the start is 'none'",
+                raise ToolkitError("gradual unfreezing needs a start policy that freezes something, but the start is "
+                                   "'none'",
                                    "start from --freeze head or lastN (e.g. --freeze head --unfreeze-every 50)")
             target = _parse_static(unfreeze_to or "none")
             if not _below(policy, target):
-                raise ToolkitError(f"the unfreeze target '{target.spec}' does not train more than the start '{policy.spec}'",
+                raise ToolkitError(f"the unfreeze target '{target.spec}' does not train more than the start "
+                                   f"'{policy.spec}'",
                                    "pick a target above the start: head < last1 < last2 < ... < none "
                                    "(e.g. --freeze head --unfreeze-to none)")
             policy = replace(policy, unfreeze_every=unfreeze_every, unfreeze_to=target)
         if layer_lr_decay != 1:
             if (policy.unfreeze_to or policy).kind == "head":
                 raise ToolkitError(f"--layer-lr-decay {layer_lr_decay:g} with '{policy.spec}': the head alone has no "
-                                   "blocks to decay", "use it with --freeze none or lastN (or a gradual target above head)")
+                                   "blocks to decay",
+                                   "use it with --freeze none or lastN (or a gradual target above head)")
             policy = replace(policy, layer_lr_decay=layer_lr_decay)
         return policy
 
@@ -206,7 +212,8 @@ class Policy:
             if policy.blocks > len(blocks):
                 flag = "--unfreeze-to" if self.gradual else "--freeze"
                 raise ToolkitError(
-                    f"{flag} {policy.spec.split('+')[0]} asks for {policy.blocks} blocks but this model has {len(blocks)}",
+                    f"{flag} {policy.spec.split('+')[0]} asks for {policy.blocks} blocks but this model has "
+                    f"{len(blocks)}",
                     f"use last1..last{len(blocks)}, or none to train everything")
             for i in range(len(blocks) - policy.blocks, len(blocks)):
                 chosen[f"{prefix}.{block_path}.{i}"] = blocks[i]
@@ -287,13 +294,15 @@ class Policy:
                     continue
                 full = f"{module_name}.{name}" if module_name else name
                 level, scale = levels(full)
-                skip = name.endswith("bias") or isinstance(module, norm_types) or "norm" in type(module).__name__.lower()
+                skip = (name.endswith("bias") or isinstance(module, norm_types)
+                        or "norm" in type(module).__name__.lower())
                 key = f"{level} {'no_decay' if skip else 'decay'}"
                 group = groups.setdefault(key, {"name": key, "params": [], "lr": lr * scale,
                                                 "weight_decay": 0.0 if skip else weight_decay})
                 group["params"].append(p)
         if not groups:
-            raise ToolkitError(f"the policy '{self.spec}' left no trainable parameters", "use --freeze head, lastN or none")
+            raise ToolkitError(f"the policy '{self.spec}' left no trainable parameters",
+                               "use --freeze head, lastN or none")
         return list(groups.values())
 
     def _lr_levels(self, model: nn.Module):
@@ -393,9 +402,10 @@ def disable_frozen_dropout(model: nn.Module, policy: "Policy | str") -> int:
     """Set p=0 on every dropout inside the frozen part; returns how many were changed.
 
     The frozen part is what the run never trains (Policy.frozen_prefix): blocks a gradual
-    schedule thaws later keep their dropout. Frozen parameters never change, but dropout still runs in the frozen layers in training
-    mode: that is random-mask generation on every activation and, on CPU, it keeps PyTorch's
-    scaled-dot-product attention on its slow "math" kernel (the fused kernel has no dropout).
+    schedule thaws later keep their dropout. Frozen parameters never change, but dropout still runs in
+    the frozen layers in training mode: that is random-mask generation on every activation and, on
+    CPU, it keeps PyTorch's scaled-dot-product attention on its slow "math" kernel (the fused kernel
+    has no dropout).
     With p=0 the frozen part computes exactly what it computes in eval mode. train.py does this
     by default (--frozen-dropout keeps the seeds' behaviour); measured F1 is the same within seed noise.
     The module objects are untouched, so DDP / DeepSpeed wrapping and saving are unaffected.

@@ -77,8 +77,9 @@ def markdown(report: dict) -> str:
     lines = [f"# Freeze-policy comparison: {report['task']}", "",
              (f"Model `{report['model']}` · hardware: {report['hardware']} · mixed precision {s['mixed_precision']} · "
               f"{s['train_examples']} train / {s['eval_examples']} eval examples (data seed {s['data_seed']}, the same "
-              f"rows for every run) · max length {s['max_length']} · {s['epochs']} epoch(s) · lr {s['lr']} · batch size "
-              f"{s['batch_size']} · training seed{'s' if many else ''} {_seeds(seeds)} (head init, dropout, batch order)"),
+              f"rows for every run) · max length {s['max_length']} · {s['epochs']} epoch(s) · lr {s['lr']} · batch "
+              f"size {s['batch_size']} · training seed{'s' if many else ''} {_seeds(seeds)} (head init, dropout, batch "
+              "order)"),
              ""]
     if not many:
         lines += ["**One seed only: no standard deviation or confidence interval.** A difference between policies "
@@ -106,7 +107,8 @@ def markdown(report: dict) -> str:
                  _mean_std(p["accuracy"], ".4f"), _range(p["train_runtime_s"], ".1f", " s"),
                  _mean_std(p["train_samples_per_s"], ".1f"), trainable, _bytes(p["peak_memory_bytes"]),
                  _bytes(p["optimizer_state_bytes"]),
-                 "—" if cmp is None else f"{cmp['f1_change']['mean']:+.4f}", "—" if cmp is None else _ci(cmp["f1_change"], "+.4f"),
+                 "—" if cmp is None else f"{cmp['f1_change']['mean']:+.4f}",
+                 "—" if cmp is None else _ci(cmp["f1_change"], "+.4f"),
                  speed, degenerate]
         cells += [_seed_cell(p["seed_reference"])] if reference else []
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
@@ -116,13 +118,14 @@ def markdown(report: dict) -> str:
     degenerate = [p for p in report["policies"] if p["degenerate"]]
     for p in degenerate:
         lines.append(f"- `{p['policy']}`: {p['degenerate']} of {p['n']} runs **degenerate** (one class predicted for "
-                     f"every eval example; seed {_seeds(p['degenerate_seeds'])}): F1 mean {_fmt(p['f1']['mean'], '.4f')} "
-                     f"with them, {_fmt(p['f1_without_degenerate']['mean'], '.4f')} without "
-                     f"({p['f1_without_degenerate']['n']} run{'s' if p['f1_without_degenerate']['n'] != 1 else ''}).")
+                     f"every eval example; seed {_seeds(p['degenerate_seeds'])}): F1 mean "
+                     f"{_fmt(p['f1']['mean'], '.4f')} with them, {_fmt(p['f1_without_degenerate']['mean'], '.4f')} "
+                     f"without ({p['f1_without_degenerate']['n']} "
+                     f"run{'s' if p['f1_without_degenerate']['n'] != 1 else ''}).")
     lines += ["", ("Statistics over the training seeds: std is the sample standard deviation (n − 1); the 95 % CI of a "
                    "mean is mean ± t·std/√n with Student's t at n − 1 degrees of freedom (none for one seed). "
-                   f"ΔF1 is paired: per seed, F1 of the policy − F1 of `{baseline or 'the baseline'}` on that same seed, "
-                   "then the mean and t interval of those differences; speed-up is per seed, train time of the "
+                   f"ΔF1 is paired: per seed, F1 of the policy − F1 of `{baseline or 'the baseline'}` on that same "
+                   "seed, then the mean and t interval of those differences; speed-up is per seed, train time of the "
                    "baseline / train time of the policy. Train time counts training steps only (evaluation and "
                    "checkpointing excluded). A degenerate run predicts one class for every eval example "
                    "(read from its predictions.csv); it stays in the means, and its count and the F1 without it are "
@@ -136,8 +139,8 @@ def markdown(report: dict) -> str:
                 "between runs in fresh processes (benchmarks/policies.py) before reading it as a policy's cost."
                 if any(k.startswith("CPU") for k in report["memory_kinds"]) else ""))]
     if reference:
-        lines.append("The last column quotes the figures the seed experiments published (bert-base-cased on one T4 GPU, "
-                     "the full preset subset) for reference; they were not measured here.")
+        lines.append("The last column quotes the figures the seed experiments published (bert-base-cased on one T4 "
+                     "GPU, the full preset subset) for reference; they were not measured here.")
     lines += ["", "## Every run", "",
               "| policy | seed | status | F1 | accuracy | eval loss | train time | train samples/s | eval samples/s | "
               "predicted classes | peak memory | processes |", "|---|---:|---|" + "---:|" * 9]
@@ -146,8 +149,9 @@ def markdown(report: dict) -> str:
         status += " (degenerate)" if r["degenerate"] else ""
         classes = "—" if r["predicted_classes"] is None else ", ".join(map(str, r["predicted_classes"]))
         cells = [f"`{r['policy']}`", str(r["seed"]), status, _fmt(r["f1"], ".4f"), _fmt(r["accuracy"], ".4f"),
-                 _fmt(r["eval_loss"], ".4f"), _fmt(r["train_runtime_s"], ".1f", " s"), _fmt(r["train_samples_per_s"], ".1f"),
-                 _fmt(r["eval_samples_per_s"], ".1f"), classes, _bytes(r["peak_memory_bytes"]), _fmt(r["world_size"], "d")]
+                 _fmt(r["eval_loss"], ".4f"), _fmt(r["train_runtime_s"], ".1f", " s"),
+                 _fmt(r["train_samples_per_s"], ".1f"), _fmt(r["eval_samples_per_s"], ".1f"), classes,
+                 _bytes(r["peak_memory_bytes"]), _fmt(r["world_size"], "d")]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
