@@ -4,7 +4,7 @@
 
 PyTorch's fused CPU attention kernels have no dropout, so attention with dropout_p > 0 falls
 back to the "math" kernel, which materialises, masks and stores the attention matrix. This is
-why the toolkit runs the frozen part without dropout by default (README, Performance).
+why the toolkit runs the frozen part without dropout by default (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Cost of recording and verifying checkpoint digests (toolkit.checkpoint): a MiniLM-L6 checkpoint with AdamW state.
+"""Cost of recording and verifying checkpoint digests (toolkit.engine.checkpoint): MiniLM-L6 with AdamW state.
 
     PYTHONPATH=. python benchmarks/checkpoint_digest_cost.py
 """

@@ -1,7 +1,7 @@
 """Adaptation policies side by side: F1, train speed, trainable parameters, peak memory, over seeds.
 
 Each (policy, seed) is one fresh `launch/train.py` process (one CPU process, fp32), so its peak
-RSS (os.wait4's ru_maxrss) is its own. Policies use compare's spelling (toolkit/policy.py):
+RSS (os.wait4's ru_maxrss) is its own. Policies use compare's spelling (toolkit/policy/policy.py):
 
     python benchmarks/policies.py --model "$M" --data-dir ../shared/data \
         --policies 'none,last2,head,lora,last2+llrd0.9,head>none@6' --lr 3e-4 --lr-for none=1e-4 --lr-for lora=1e-3

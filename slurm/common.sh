@@ -17,7 +17,7 @@
 #   TOOLKIT_MAX_RESTARTS     stop requeueing after this many restarts (default 50)
 
 # 15000 + job_id mod 15000: below the Linux ephemeral range (32768+), distinct for
-# jobs on a shared node. Same rule as toolkit.cluster.master_port_for_job().
+# jobs on a shared node. Same rule as toolkit.backends.cluster.master_port_for_job().
 toolkit_master_port() {
   local id=${1:?job id}
   if [[ $id =~ ^[0-9]+$ ]]; then

@@ -5,7 +5,7 @@ Stands in for launch/train.py (it accepts and ignores the training options):
     TRAIN_SCRIPT=slurm/probe.py sbatch slurm/multi_node.sbatch            # through a template
     srun --nodes=2 --ntasks-per-node=4 python slurm/probe.py --output-dir runs/probe   # one task per GPU
 
-Every rank reports its view of the cluster (toolkit.cluster.detect) and host; rank 0
+Every rank reports its view of the cluster (toolkit.backends.cluster.detect) and host; rank 0
 prints the table and writes OUTPUT_DIR/metrics.json with the world size seen by
 torch.distributed. Uses gloo on CPU with --cpu (or when there is no GPU), NCCL otherwise.
 """

@@ -21,7 +21,7 @@
 # Exit status of `up`: 0 ready, 2 cannot run here (not root, no apt-get, packages unavailable:
 # a reason on stderr; the tests skip, or fail when CI=true), 1 daemons did not come up (logs printed).
 #
-# Settings that matter for the tests (learnt the hard way, see also the README, SLURM):
+# Settings that matter for the tests (learnt the hard way, see also docs/slurm.md):
 #   ProctrackType=proctrack/linuxproc, TaskPlugin=task/none   no cgroups / systemd needed
 #   AuthInfo=cred_expire=10    a requeued job may start again after ~11 s instead of ~121 s
 #   MinJobAge=4                `sbatch --wait` polls every 2 s (it backs off up to 32 s when

@@ -126,7 +126,7 @@ def test_yaml_picks_the_intended_launcher(name, monkeypatch):
     args, _, _ = _launch_args(name, monkeypatch)
     spec = YAMLS[name]
     assert not args.use_deepspeed and not args.use_fsdp and not args.cpu
-    # MULTI_GPU = torchrun with num_processes workers; cpu_2proc.yaml relies on it (see the README, Back-ends)
+    # MULTI_GPU = torchrun with num_processes workers; cpu_2proc.yaml relies on it (see docs/backends.md)
     assert args.multi_gpu == (spec["distributed_type"] == "MULTI_GPU")
     assert args.num_processes == spec["num_processes"] and args.mixed_precision == spec["mixed_precision"]
 

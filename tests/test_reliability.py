@@ -256,7 +256,7 @@ def test_at_most_one_host_sync_per_optimizer_step(tiny_bert, reviews, monkeypatc
     assert in_reduction == [1] * total, ours  # the reduction's one .tolist()
     # micro-batches read nothing; the log step 4 reads its mean loss once, after its reduction (counted before step 5)
     assert in_micro_batches == [0, 0, 0, 0, 1, 0], ours
-    assert model_side == ["__bool__"] * (2 * total)  # one per forward, inside transformers (see README)
+    assert model_side == ["__bool__"] * (2 * total)  # one per forward, inside transformers (see docs/reliability.md)
 
 
 def test_dataloader_workers_default_to_none_on_cpu_and_a_few_per_gpu():

@@ -1,4 +1,4 @@
-"""SLURM support: toolkit.cluster (pure parsing) and the sbatch templates on a real local cluster.
+"""SLURM support: toolkit.backends.cluster (pure parsing) and the sbatch templates on a real local cluster.
 
 The cluster tests start a throwaway SLURM cluster on this machine (tests/slurm_cluster.sh:
 slurmctld + two slurmd "nodes" n1, n2 + munge, from the distribution's packages) once per
@@ -40,7 +40,7 @@ TEMPLATES = ["single_node.sbatch", "multi_node.sbatch", "multi_node_deepspeed.sb
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 JOB_TIMEOUT = 480  # seconds for one job, requeues included
 
-# ------------------------------------------------------------------ toolkit.cluster, pure parsing
+# ------------------------------------------------------------------ toolkit.backends.cluster, pure parsing
 
 SRUN_TASK_N2 = {  # what `srun --nodes=2 --ntasks-per-node=2` gives task 3 (seen on slurm 22.05)
     "SLURM_JOB_ID": "4242", "SLURM_JOBID": "4242", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
@@ -363,7 +363,7 @@ def test_deepspeed_template_launches_on_both_nodes(slurm_cluster, tmp_path):
 
 
 def test_srun_tasks_without_launcher(slurm_cluster, tmp_path):
-    """`srun python ...` with one task per node: toolkit.cluster turns SLURM_* into a torch world."""
+    """`srun python ...` with one task per node: toolkit.backends.cluster turns SLURM_* into a torch world."""
     out = tmp_path / "probe"
     proc = subprocess.run(["srun", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", sys.executable,
                            str(SLURM_DIR / "probe.py"), "--cpu", "--output-dir", str(out)],

@@ -73,7 +73,7 @@ def setup(cpu: bool, mixed_precision: str | None, grad_accum: int = 1, dist_time
             f"this torch build (CUDA {torch.version.cuda}) has no kernels for {torch.cuda.get_device_name()} "
             f"(sm_{capability[0]}{capability[1]}); it has {' '.join(torch.cuda.get_arch_list())}",
             "install a torch build that lists this GPU's architecture in torch.cuda.get_arch_list() "
-            "(V100, sm_70: the CUDA 12.6 wheels; see README, Back-ends)")
+            "(V100, sm_70: the CUDA 12.6 wheels; see docs/backends.md)")
     # `accelerate launch` exports ACCELERATE_MIXED_PRECISION=no also when nobody asked for it: its own
     # command line says whether "no" was a choice (resolve_mixed_precision).
     launcher = launcher_command_line() if "ACCELERATE_MIXED_PRECISION" in os.environ else None

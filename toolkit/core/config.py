@@ -30,7 +30,7 @@ _opt = option  # the short spelling the fields below use
 
 @dataclass
 class DataConfig:
-    task: str = _opt("imdb-subset", "preset: imdb, imdb-subset, amazon-subset, amazon (see README)")
+    task: str = _opt("imdb-subset", "preset: imdb, imdb-subset, amazon-subset, amazon (see docs/data.md)")
     data_dir: Optional[str] = _opt(None, "local folder with the preset's files (e.g. ../shared/data) instead of the "
                                          "Hub")
     train_file: Optional[str] = _opt(None, "local train file (.parquet, .csv, .jsonl/.json); overrides the preset's "
@@ -107,7 +107,7 @@ class TrainConfig:
                                        "random); --no-group-by-length: plain random batches")
     frozen_dropout: bool = _opt(False, "--frozen-dropout: dropout in the frozen layers too, as the seeds' Trainer did; "
                                        "default: the frozen part runs as in inference, without dropout (up to 2x "
-                                       "faster on CPU, same F1 within seed noise; see README, Performance)")
+                                       "faster on CPU, same F1 within seed noise; see docs/performance.md)")
     cache_frozen: bool = _opt(False, "head/lastN: compute the frozen part's outputs once (eval mode, no dropout) and "
                                      "train the trainable part on them every epoch (see docs/performance.md)")
     compile: bool = _opt(False, "torch.compile the model (opt-in: compile time is only repaid by long runs)")
