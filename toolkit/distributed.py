@@ -21,6 +21,8 @@ from typing import Any, Iterator
 import torch.distributed as dist
 from accelerate.utils import InitProcessGroupKwargs
 
+from .test_delays import DATA_PHASE_DELAY_ENV, hold
+
 DEFAULT_DIST_TIMEOUT_S = 1800  # the main group: any collective that waits longer is a hang
 DEFAULT_DATA_TIMEOUT_S = 6 * 3600  # rank 0 loading and tokenizing while the others wait
 
@@ -64,6 +66,7 @@ def main_process_first(accelerator, timeout_s: float = DEFAULT_DATA_TIMEOUT_S) -
         dist.barrier(group=group)
     yield
     if accelerator.is_main_process:
+        hold(DATA_PHASE_DELAY_ENV, "rank 0's data phase")
         dist.barrier(group=group)
     dist.barrier(group=group)
 
