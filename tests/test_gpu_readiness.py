@@ -9,7 +9,6 @@ meeting 16-bit weights; FSDP's clip; srun's LOCAL_RANK; the DeepSpeed sbatch tem
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -138,14 +137,15 @@ def test_every_multi_process_group_gets_the_timeout():
     assert abs(kept.total_seconds() - 600) < 1e-3
 
 
-def _slow_data(tmp_path: Path, rows: int) -> Path:
-    """A train file whose tokenization takes rank 0 several seconds: real reviews, each repeated."""
+def _reviews(tmp_path: Path, rows: int) -> Path:
+    """A small train file of real reviews, both classes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    reviews = pq.read_table(ROOT.parent / "shared" / "data" / "imdb" / "train.parquet").slice(0, rows).to_pydict()
-    path = tmp_path / "slow.parquet"
-    pq.write_table(pa.table({"text": [t * 3 for t in reviews["text"]], "label": reviews["label"]}), path)
+    table = pq.read_table(ROOT.parent / "shared" / "data" / "imdb" / "train.parquet")
+    half = rows // 2  # the file holds all negatives first, then all positives
+    path = tmp_path / "reviews.parquet"
+    pq.write_table(pa.concat_tables([table.slice(0, half), table.slice(12500, rows - half)]), path)
     return path
 
 
@@ -163,27 +163,29 @@ def tiny_model(tmp_path_factory, minilm) -> str:
 
 
 def test_slow_rank0_data_phase_outlasts_a_short_process_group_timeout(tmp_path, tiny_model, data_dir):
-    """Rank 0 tokenizes for longer than --dist-timeout while rank 1 waits: the wait is on the data
+    """Rank 0 holds the data phase for 3x --dist-timeout while rank 1 waits: the wait is on the data
     phase's own gloo group, so the run finishes. (With the wait on the main group, as
     accelerator.main_process_first() does, rank 1's barrier times out after --dist-timeout.)
+    The hold comes from TOOLKIT_TEST_DATA_PHASE_DELAY_S, not from tokenizing: any CPU meets the premise.
     The launcher gets no --mixed_precision and no config: its exported "no" is read as its default."""
-    train_file = _slow_data(tmp_path, 2000)
+    from toolkit.core.test_delays import DATA_PHASE_DELAY_ENV
+
+    timeout_s, hold_s = 5, 15
     out = tmp_path / "run"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", "0"]
-    proc = run_cmd([*launcher, "launch/train.py", "--model", tiny_model, "--train-file", str(train_file),
-                    "--eval-fraction", "0.01", "--max-length", "32", "--batch-size", "4", "--max-steps", "2", "--cpu",
-                    "--dist-timeout", "4", "--output-dir", str(out),
-                    "--verbose"],  # shows the tokenize progress bar, whose elapsed time is the premise below
+    proc = run_cmd([*launcher, "launch/train.py", "--model", tiny_model, "--train-file", str(_reviews(tmp_path, 40)),
+                    "--eval-fraction", "0.2", "--max-length", "32", "--batch-size", "4", "--max-steps", "2", "--cpu",
+                    "--dist-timeout", str(timeout_s), "--output-dir", str(out)],
                    timeout=600,
-                   env={"HF_DATASETS_CACHE": str(tmp_path / "cache"),  # a cold cache: rank 0 really tokenizes
-                        "HF_HOME": str(tmp_path / "hf")})  # and no default accelerate config from this machine
+                   env={"HF_DATASETS_CACHE": str(tmp_path / "cache"),
+                        "HF_HOME": str(tmp_path / "hf"),  # no default accelerate config from this machine
+                        DATA_PHASE_DELAY_ENV: str(hold_s)})
     assert read_json(out / "metrics.json")["world_size"] == 2
     assert "mixed precision no (auto for CPU (accelerate launch's default 'no' is not a choice))" in proc.stdout
-    assert "process-group timeout 4 s" in proc.stdout
-    # the premise: rank 0 (the only one with a progress bar: rank 1 reads its cache) tokenized for longer
-    elapsed = [int(m) * 60 + int(s) for m, s in re.findall(r"tokenize[^\n\r]*?\[(\d+):(\d+)<", proc.stderr)]
-    assert elapsed and max(elapsed) >= 5, proc.stderr[-2000:]
+    assert f"process-group timeout {timeout_s} s" in proc.stdout
+    # the premise: rank 0, and only rank 0, held the data phase past the main group's timeout
+    assert proc.stderr.count(f"rank 0's data phase held {hold_s} s longer") == 1, proc.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- --cache-frozen under DeepSpeed's 16-bit weights

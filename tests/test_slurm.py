@@ -30,6 +30,7 @@ from toolkit.backends.cluster import (
     export_torch_distributed_env,
     master_port_for_job,
 )
+from toolkit.core.test_delays import STEP_DELAY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = ROOT / "slurm"
@@ -393,7 +394,8 @@ def test_failed_training_is_not_requeued(slurm_cluster, tmp_path):
 def test_usr1_checkpoints_requeues_and_resumes_mid_epoch(slurm_cluster, single_node_run, tmp_path, minilm, data_dir):
     ref_out = single_node_run[0]
     out = tmp_path / "run"
-    env = slurm_cluster.env(TOOLKIT_CPU="2")
+    # 1 s more per step: the signal sent after step 2 lands well inside the 8-step epoch on any CPU
+    env = slurm_cluster.env(TOOLKIT_CPU="2", **{STEP_DELAY_ENV: "1"})
     job = submit(slurm_cluster, tmp_path, "single_node.sbatch", [*CPU_ONLY, "--cpus-per-task=2"],
                  ["--model", minilm, "--data-dir", data_dir, *TRAIN_ARGS, "--output-dir", str(out)], env)
     try:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from accelerate.utils import InitProcessGroupKwargs
 
 from ..core.config import DEFAULT_DATA_TIMEOUT_S
+from ..core.test_delays import DATA_PHASE_DELAY_ENV, hold
 
 _cpu_group: list[Any] = []  # created once per process, on first use
 
@@ -63,6 +64,7 @@ def main_process_first(accelerator, timeout_s: float = DEFAULT_DATA_TIMEOUT_S) -
         dist.barrier(group=group)
     yield
     if accelerator.is_main_process:
+        hold(DATA_PHASE_DELAY_ENV, "rank 0's data phase")
         dist.barrier(group=group)
     dist.barrier(group=group)
 

@@ -15,6 +15,7 @@ from accelerate.utils import DistributedType
 from ..backends.preemption import StopRequest
 from ..core import exit_codes
 from ..core.errors import RunFailed
+from ..core.test_delays import STEP_DELAY_ENV, seconds
 from ..output.console import RunLog
 from .flops import FlopModel, batch_stats
 from .metrics import classification_metrics
@@ -200,6 +201,7 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
     model.train()
     device = accelerator.device
     window_loss = torch.zeros((), device=device)  # summed on the device, read at log steps
+    step_delay_s = seconds(STEP_DELAY_ENV)
     step_loss = torch.zeros((), device=device)  # this optimizer step's micro-batch losses, checked by the guard
     window_n, window_samples, window_start = 0, 0, time.perf_counter()
     window_tokens, window_padded, window_flops = 0, 0, 0.0
@@ -241,6 +243,8 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
                 if not skipped:  # a skipped step must not advance the schedule (PyTorch's GradScaler recipe)
                     scheduler.step()
                 state.global_step += 1
+                if step_delay_s:
+                    time.sleep(step_delay_s)  # tests: a signal sent after step k lands before the epoch ends
                 stop_now, non_finite, skipped, (tokens, padded, len_sq, seqs) = _step_totals(
                     accelerator, stop.requested(), skipped, step_loss, pending)
                 if (problem := guard.check(non_finite, skipped)) is not None:
