@@ -41,7 +41,7 @@ def evaluate_sizes(accelerator, model_dir: str, data_dir: str) -> dict:
 
 
 if __name__ == "__main__":
-    from toolkit.train import setup
+    from toolkit.backends.accelerator import setup
 
     model_dir, data_dir, out = sys.argv[1:4]
     accelerator = setup(cpu=True, mixed_precision="no")

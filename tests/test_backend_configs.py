@@ -193,7 +193,7 @@ def test_fsdp_yaml_builds_accelerates_fsdp_plugin_and_wraps_each_block(monkeypat
     from torch.distributed.fsdp import ShardingStrategy, StateDictType
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-    from toolkit.engine.model import fsdp_wrap_classes
+    from toolkit.backends.accelerator import fsdp_wrap_classes
     from toolkit.policy.blocks import find_blocks
 
     args, _, _ = _launch_args("fsdp.yaml", monkeypatch)
@@ -346,7 +346,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
 mixed_precision, result_file = sys.argv[1], sys.argv[2]
-# like toolkit.train.setup: one scheduler step per optimizer step, gloo on CPU
+# like toolkit.backends.accelerator.setup: one scheduler step per optimizer step, gloo on CPU
 acc = Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
                   kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
 torch.manual_seed(0)

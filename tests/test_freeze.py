@@ -130,7 +130,7 @@ def test_model_without_block_list_is_a_clear_error():
 
 
 def test_ddp_unused_parameter_probe():
-    from toolkit.train import unused_trainable_parameters
+    from toolkit.backends.accelerator import unused_trainable_parameters
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,

@@ -232,7 +232,7 @@ def test_fsdp_clip_gets_all_parameters_so_accelerate_uses_fsdps_own_clip():
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    from toolkit.engine.loop import clip_parameters
+    from toolkit.backends.accelerator import clip_parameters
 
     class Wrapped(torch.nn.Module):  # stands in for the FSDP wrapper: records which clip accelerate picked
         def __init__(self):

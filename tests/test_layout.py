@@ -123,3 +123,15 @@ def test_every_subpackage_says_what_lives_there_and_who_may_import_it():
         doc = ast.get_docstring(ast.parse((PACKAGE / layer / "__init__.py").read_text()))
         assert doc and len(doc.split()) >= 25, f"toolkit/{layer}/__init__.py needs a docstring paragraph"
         assert "import" in doc, f"toolkit/{layer}/__init__.py should say what may import it"
+
+
+def test_train_main_is_a_short_recipe_and_no_command_borrows_from_it():
+    """train.main reads top to bottom in at most 120 lines; evaluate and compare import what they need from
+    the modules that own it (compare runs train's main for each of its runs, and only that)."""
+    tree = ast.parse((PACKAGE / "train.py").read_text())
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    assert main.end_lineno - main.lineno + 1 <= 120
+    for command in ("evaluate", "compare", "predict", "prepare"):
+        for node in ast.walk(ast.parse((PACKAGE / f"{command}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module == "train":
+                assert [a.name for a in node.names] == ["main"], f"{command}.py imports {node.names} from train"

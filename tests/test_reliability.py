@@ -26,9 +26,9 @@ from toolkit.core.config import DataConfig, TrainConfig
 from toolkit.core.errors import RunFailed, ToolkitError
 from toolkit.core.exit_codes import DIVERGED as NON_FINITE_EXIT_CODE
 from toolkit.core.test_delays import STEP_DELAY_ENV
+from toolkit.data.dataset import default_num_workers
 from toolkit.engine import checkpoint as ckpt
 from toolkit.engine.loop import StepGuard, TrainState, fit, validate
-from toolkit.train import default_num_workers
 from toolkit.train import main as train_main
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -172,7 +172,7 @@ def test_frozen_prefix_records_no_autograd_state_and_dropout_switch(minilm):
 def accelerator():
     from accelerate.state import AcceleratorState
 
-    from toolkit.train import setup
+    from toolkit.backends.accelerator import setup
 
     acc = setup(cpu=True, mixed_precision="no")
     yield acc

@@ -28,14 +28,15 @@ from accelerate.utils import broadcast_object_list
 from rich.console import Console
 from rich.markup import escape
 
+from .backends.accelerator import setup
 from .core import exit_codes
 from .core.config import TrainConfig, option, save_json
 from .core.errors import ToolkitError
+from .output.run_dir import shared_output_dir
 from .policy.policy import Policy
 from .report import markdown as report
 from .report import stats as summary
 from .train import main as train_main
-from .train import setup, shared_output_dir
 
 BASELINE = "none"  # the baseline of the paired differences when listed, else the first policy
 # Settings that change how a run is carried out or logged, not what it computes.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from .backends.accelerator import setup
 from .backends.distributed import main_process_first
 from .core.config import DataConfig, EvalConfig, save_json
 from .core.errors import ToolkitError
@@ -31,7 +32,7 @@ from .engine.loop import validate
 from .engine.metrics import f1_average
 from .output import library_logs as logs
 from .output.console import RunLog
-from .train import setup, shared_output_dir, write_predictions
+from .output.run_dir import shared_output_dir, write_predictions
 
 
 def eval_split(cfg: DataConfig, log=print) -> Dataset:

@@ -573,3 +573,28 @@ def make_loader(ds: Dataset, collator: Collator, batch_size: int, seed: int, tra
     # persistent: workers are not restarted for every epoch and every evaluation
     return DataLoader(ds, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+
+
+def prepare_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, model_max_positions: int | None, log=print,
+                   need_train: bool = True) -> tuple[Dataset | None, Dataset, int]:
+    """Train and eval splits, validated and tokenized, and the max length used (run it rank 0 first)."""
+    train_ds, eval_ds = build_splits(cfg, log=log)
+    max_length = resolve_max_length(cfg.max_length, tokenizer, model_max_positions)
+    train_tok = tokenize(train_ds, tokenizer, max_length, cfg.num_proc) if need_train else None
+    return train_tok, tokenize(eval_ds, tokenizer, max_length, cfg.num_proc), max_length
+
+
+def first_example(ds: Dataset, collator: "Collator") -> dict:
+    """One collated training row, as the model takes it (without the row id)."""
+    example = collator([{k: ds[0][k] for k in ds.column_names}])
+    example.pop("idx")
+    return example
+
+
+def default_num_workers(device_type: str, local_processes: int, cpus: int | None = None) -> int:
+    """DataLoader workers when --num-workers is not given: 0 on CPU, where the cores train; on a GPU,
+    up to 4 per process from this node's cores, so collation overlaps the device's work."""
+    if device_type != "cuda":
+        return 0
+    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    return max(0, min(4, cpus // max(1, local_processes) - 1))

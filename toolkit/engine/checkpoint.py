@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
 from ..core import exit_codes
 from ..core.errors import RunFailed, ToolkitError
@@ -158,6 +158,53 @@ def resolve_resume(resume_from: str | None, output_dir: Path, log: Callable[[str
 
 def read_progress(checkpoint: Path) -> dict:
     return json.loads((checkpoint / PROGRESS).read_text())
+
+
+def open_output_dir(accelerator: Accelerator, out: Path, resume_from: str | None, log) -> Path | None:
+    """Rank 0 makes sure the run folder can be written and picks (and verifies) the checkpoint to resume
+    from; every rank gets its answer, so a problem stops all of them before training, with exit 2."""
+    answer: list = [None, None]  # checkpoint to resume from, (problem, fix)
+    if accelerator.is_main_process:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+            answer[0] = resolve_resume(resume_from, out, log)
+        except OSError as err:
+            answer[1] = (f"cannot write to the output folder {out}: {err}",
+                         "pass an --output-dir that can be created and written (check the path, permissions and free "
+                         "space)")
+        except ToolkitError as err:
+            answer[1] = (err.problem, err.fix)
+    broadcast_object_list(answer, from_process=0)
+    if answer[1] is not None:
+        raise ToolkitError(*answer[1])
+    return answer[0]
+
+
+def check_resume_policy(resume: Path | None, record: dict, describe: Callable[[dict], str]) -> None:
+    """A run resumes only the policy its checkpoint was trained with (`record`: Policy.record())."""
+    recorded = read_progress(resume).get("policy") if resume is not None else None
+    # a checkpoint from before the LoRA settings were recorded is checked on its spelling alone
+    if recorded is not None and (recorded["spec"], recorded.get("lora", record["lora"])) != (record["spec"],
+                                                                                              record["lora"]):
+        raise ToolkitError(f"checkpoint {resume} was trained with policy {describe(recorded)}, this run "
+                           f"asks for {describe(record)}",
+                           "resume with the same --freeze / --layer-lr-decay / --unfreeze-* / --lora-* options")
+
+
+def load_resume_state(accelerator: Accelerator, resume: Path, log: Callable[[str], None]) -> dict:
+    """Load a checkpoint into the prepared objects; its loop position (TrainState fields) is returned."""
+    progress = read_progress(resume)
+    if progress["state"]["world_size"] != accelerator.num_processes:
+        raise ToolkitError(f"checkpoint {resume} was written by {progress['state']['world_size']} processes, "
+                           f"this run has {accelerator.num_processes}", "resume with the same number of processes")
+    accelerator.load_state(str(resume))
+    state = progress["state"]
+    log(f"[green]resumed from {resume}: epoch {state['epoch']}, step {state['global_step']}, "
+        f"{state['batches_done']} batches into the epoch[/green]")
+    return state
 
 
 def save_model(accelerator: Accelerator, model, tokenizer, target: Path) -> None:

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..backends.distributed import gather_objects
 from ..core.errors import ToolkitError
-from ..data.dataset import EpochBatchSampler
+from ..data.dataset import EpochBatchSampler, make_loader
 from ..policy.blocks import find_blocks
 from ..policy.policy import Policy
 
@@ -173,6 +173,13 @@ class FrozenCache:
         return (blocks[frozen - 1] if frozen > 0 else embeddings), frozen
 
     @staticmethod
+    def check_options(cache_frozen: bool, frozen_dropout: bool) -> None:
+        """--cache-frozen and --frozen-dropout cannot both hold: the cache is computed without dropout."""
+        if cache_frozen and frozen_dropout:
+            raise ToolkitError("--cache-frozen computes the frozen part once, without dropout, so --frozen-dropout "
+                               "cannot apply", "drop one of the two flags")
+
+    @staticmethod
     def estimate_bytes(model: nn.Module, policy: "Policy | str", train_lengths: list[int],
                        eval_lengths: list[int]) -> int:
         """fp32 features held by one process: one vector per row (head) or one per token (lastN)."""
@@ -296,3 +303,16 @@ class FrozenCache:
         return DataLoader(self.train if train else self.eval, batch_sampler=sampler,
                           collate_fn=_FeatureCollator(self.pad_to_multiple_of), num_workers=num_workers,
                           pin_memory=torch.cuda.is_available())
+
+
+def run_loaders(accelerator, model, policy, train_ds, eval_ds, collator, cfg, eval_batch_size: int, workers: int,
+                log=print) -> tuple["FrozenCache | None", DataLoader, DataLoader]:
+    """The training run's loaders: over the frozen part's cached outputs with --cache-frozen (the cache is
+    built here, the frozen part runs once), else over the tokenized rows. Returns (cache or None, train, eval)."""
+    if not cfg.cache_frozen:
+        return (None, make_loader(train_ds, collator, cfg.batch_size, cfg.seed, train=True, num_workers=workers,
+                                  group_by_length=cfg.group_by_length),
+                make_loader(eval_ds, collator, eval_batch_size, cfg.seed, train=False, num_workers=workers))
+    cache = FrozenCache.build(accelerator, model, policy, train_ds, eval_ds, collator, eval_batch_size, log)
+    return (cache, cache.loader("train", cfg.batch_size, cfg.seed, cfg.group_by_length, workers),
+            cache.loader("eval", eval_batch_size, cfg.seed, num_workers=workers))

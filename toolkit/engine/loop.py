@@ -10,14 +10,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 
+from ..backends.accelerator import clip_parameters
 from ..backends.preemption import StopRequest
 from ..core import exit_codes
 from ..core.errors import RunFailed
 from ..core.test_delays import STEP_DELAY_ENV, seconds
 from ..output.console import RunLog
-from .flops import FlopModel, batch_stats
+from .extra_metrics import compute as compute_extra_metrics
+from .flops import CurrentFlops, FlopModel, batch_stats
 from .metrics import classification_metrics
 
 
@@ -49,13 +50,14 @@ class EvalResult:
 
 @torch.no_grad()
 def validate(accelerator: Accelerator, model, loader, num_labels: int, num_examples: int,
-             label_names: list[str] | None = None) -> EvalResult:
+             label_names: list[str] | None = None, extra_metrics: list | None = None) -> EvalResult:
     """Every rank scores its share; row ids, labels, predictions and losses are gathered once.
 
     Ranks can end with batches of different sizes (uneven last batch) and Accelerate
     repeats a few batches so every rank runs the same number of forward passes (ZeRO-3
     needs that). So results are padded to one length, gathered, and de-duplicated by
     row id: each eval row is counted exactly once, whatever the number of processes.
+    `extra_metrics` (extra_metrics.load) are computed on the main process from the gathered rows.
     """
     model.eval()
     start = time.perf_counter()
@@ -95,8 +97,47 @@ def validate(accelerator: Accelerator, model, loader, num_labels: int, num_examp
     metrics.update(eval_loss=float(all_loss[first].mean()), eval_runtime_s=runtime,
                    eval_samples_per_s=num_examples / runtime, eval_tokens_per_s=tokens / runtime,
                    eval_padding_fraction=1 - tokens / padded if padded else 0.0)
+    if extra_metrics and accelerator.is_main_process:  # on the gathered, de-duplicated rows, main process only
+        metrics.update(compute_extra_metrics(extra_metrics, labels, preds, num_labels))
     model.train()
     return EvalResult(metrics, index, labels, preds)
+
+
+def optimizer_steps(batches: int, world_size: int, grad_accum: int, epochs: int, max_steps: int | None) -> int:
+    """Optimizer steps of a run: `batches` (the whole loader) split over the ranks, accumulated, times the epochs."""
+    total = math.ceil(math.ceil(batches / world_size) / grad_accum) * epochs
+    return min(total, max_steps) if max_steps else total
+
+
+class Evaluations:
+    """validate() once per step count (the end-of-run eval repeats none), recorded and shown by the run log."""
+
+    def __init__(self, accelerator: Accelerator, model, loader, state: "TrainState", num_labels: int, num_examples: int,
+                 label_names: list[str] | None, extra_metrics: list | None, run_log: RunLog):
+        self.args = (accelerator, model, loader, num_labels, num_examples, label_names, extra_metrics)
+        self.state, self.run_log, self.done = state, run_log, {}
+
+    def __call__(self, epoch: int) -> EvalResult:
+        step = self.state.global_step
+        if step not in self.done:
+            self.done[step] = validate(*self.args[:6], extra_metrics=self.args[6])
+            self.run_log.eval_result(epoch, step, self.done[step].metrics)
+        return self.done[step]
+
+
+class GradualThaw:
+    """Gradual unfreezing during fit(): requires_grad and the FLOP count follow the policy's stage."""
+
+    def __init__(self, policy, model, flop_model: CurrentFlops, run_log: RunLog, steps_done: int):
+        self.policy, self.model, self.flop_model, self.run_log = policy, model, flop_model, run_log
+        policy.set_stage(model, steps_done)  # where the schedule stands (also after a resume)
+        flop_model.model = FlopModel.from_model(model, policy.stage(model, steps_done))
+
+    def __call__(self, steps_done: int) -> None:  # after every optimizer step: the next step trains the new stage
+        if (stage := self.policy.set_stage(self.model, steps_done)) is not None:
+            self.flop_model.model = FlopModel.from_model(self.model, stage)
+            self.run_log.print(f"step {steps_done}: unfrozen to {stage.spec}")
+            self.run_log.record({"step": steps_done, "unfrozen_to": stage.spec})
 
 
 def _seed_for_step(seed: int, step: int, rank: int) -> None:
@@ -158,22 +199,6 @@ def diverged(problem: str, step: int, lr: float, mixed_precision: str) -> RunFai
                      "model/",
                      f"{advice}; then --resume-from auto continues from that checkpoint",
                      exit_code=exit_codes.DIVERGED)
-
-
-def clip_parameters(accelerator: Accelerator, model, optimizer=None) -> list:
-    """What to hand accelerator.clip_grad_norm_: what the optimizer holds, or under FSDP all parameters.
-
-    Accelerate uses FSDP's own clip (norm over all shards, one unscale) only when given exactly
-    model.parameters(); any other list falls through to a per-shard clip after a second unscale
-    (accelerate/accelerator.py, clip_grad_norm_). Frozen parameters have no grad, so they add nothing.
-    Elsewhere the optimizer's parameters, not today's requires_grad set: gradual unfreezing turns
-    requires_grad on for some of them later (it is refused under FSDP).
-    """
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return list(model.parameters())
-    if optimizer is not None:
-        return [p for group in optimizer.param_groups for p in group["params"]]
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sampler, *, state: TrainState,

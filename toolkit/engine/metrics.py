@@ -34,3 +34,17 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: in
     for name, p, r, f in zip(names, per_p, per_r, per_f):
         metrics.update({f"precision[{name}]": float(p), f"recall[{name}]": float(r), f"f1[{name}]": float(f)})
     return metrics
+
+
+def training_metrics(state, peak_flops: float | None, world_size: int) -> dict:
+    """Throughput of a finished training (a loop.TrainState): rates, padding, model FLOPs and MFU."""
+    runtime = state.train_runtime_s
+    return {
+        "train_runtime_s": runtime,
+        "train_samples_per_s": state.samples_seen / runtime if runtime else 0.0,
+        "train_samples": state.samples_seen,
+        "train_tokens_per_s": state.tokens_seen / runtime if runtime else 0.0,
+        "train_padding_fraction": 1 - state.tokens_seen / state.padded_tokens_seen if state.padded_tokens_seen else 0.0,
+        "train_model_tflops": state.model_flops / 1e12,
+        "mfu": state.model_flops / runtime / (peak_flops * world_size) if peak_flops and runtime else None,
+    }

@@ -92,15 +92,3 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
     """
     groups = (policy or Policy("none")).param_groups(model, lr, weight_decay)
     return torch.optim.AdamW(groups, lr=lr)
-
-
-def fsdp_wrap_classes(model: nn.Module) -> list[str]:
-    """The classes FSDP makes one unit each: the model's _no_split_modules, else the class of its blocks.
-
-    Accelerate falls back to _no_split_modules when the config names no class, but DistilBERT and
-    DeBERTa-v2 list none (transformers 5): the whole model would be a single unit, gathered at once.
-    """
-    from ..policy.blocks import find_blocks
-
-    listed = sorted(getattr(model, "_no_split_modules", None) or [])
-    return listed or sorted({type(block).__name__ for block in find_blocks(model)[1]})
