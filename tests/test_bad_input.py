@@ -3,14 +3,23 @@ training starts and without leaving anything that looks like a run or a checkpoi
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import get_type_hints
+
 import pandas as pd
 import pytest
 
 from conftest import python
 from toolkit.cli import run
-from toolkit.config import DataConfig, EvalConfig, TrainConfig
+from toolkit.compare import CompareConfig
+from toolkit.compare import main as compare_main
+from toolkit.config import DataConfig, EvalConfig, PrepareConfig, TrainConfig
 from toolkit.data import build_splits
 from toolkit.evaluate import main as evaluate_main
+from toolkit.predict import PredictConfig
+from toolkit.predict import main as predict_main
+from toolkit.prepare import main as prepare_main
 from toolkit.train import main as train_main
 
 
@@ -53,6 +62,10 @@ CASES = {
                                   "--frozen-dropout cannot apply", "drop one of the two flags"),
     "unsupported file": (lambda d, g: ["--train-file", str((d / "x.txt").write_text("hi") and d / "x.txt")],
                          "unsupported file type", ".parquet"),
+    # issue 19: these ended in a traceback or a run that "finished" without training
+    "zero batch size": (lambda d, g: ["--train-file", g, "--batch-size", "0"], "--batch-size 0 is out of range", ">= 1"),
+    "negative lr": (lambda d, g: ["--train-file", g, "--lr", "-1"], "--lr -1.0 is out of range", "> 0"),
+    "zero epochs": (lambda d, g: ["--train-file", g, "--epochs", "0"], "--epochs 0 is out of range", ">= 1"),
 }
 
 
@@ -96,3 +109,67 @@ def test_real_exit_status_from_the_command_line(tmp_path, minilm):
     proc = python("launch/train.py", "--model", minilm, "--freeze", "lastx", "--output-dir", str(tmp_path / "o"), check=False)
     assert proc.returncode == 2
     assert "unknown freeze policy 'lastx'" in proc.stderr and "fix:" in proc.stderr
+
+
+def squash(text: str) -> str:
+    """Without whitespace: rich wraps long lines to the console width."""
+    return "".join(text.split())
+
+
+# ---------------------------------------------------------------- issue 19: every option's range, at parse time
+
+COMMANDS = {"train": (train_main, TrainConfig, []), "evaluate": (evaluate_main, EvalConfig, ["--model", "nowhere"]),
+            "predict": (predict_main, PredictConfig, ["--model", "nowhere"]), "compare": (compare_main, CompareConfig, []),
+            "prepare_data": (prepare_main, PrepareConfig, [])}
+
+
+def numeric_options(cls: type):
+    """(field name, int or float, its Range) for every numeric field, nested configs (--data options) included."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from numeric_options(kind)
+            continue
+        base = next(t for t in getattr(kind, "__args__", (kind,)) if t is not type(None))
+        if base in (int, float):
+            yield f.name, base, f.metadata.get("range")
+
+
+def outside(kind: type, allowed) -> list:
+    """Values just outside the range at each end it has, and for a float NaN and infinity."""
+    values = []
+    if allowed.low is not None:
+        values.append(allowed.low if allowed.low_open else allowed.low - (1 if kind is int else 0.5))
+    if allowed.high is not None:
+        values.append(allowed.high if allowed.high_open else allowed.high + (1 if kind is int else 0.5))
+    return [kind(v) for v in values] + ([math.nan, math.inf] if kind is float else [])
+
+
+def test_every_numeric_option_has_a_range():
+    for command, (_, cls, _) in COMMANDS.items():
+        missing = [name for name, _, allowed in numeric_options(cls) if allowed is None]
+        assert not missing, f"{command}: numeric options without a range: {missing}"
+        assert all(outside(kind, allowed) for _, kind, allowed in numeric_options(cls))
+
+
+OUT_OF_RANGE = [(command, name, value) for command, (_, cls, _) in COMMANDS.items()
+                for name, kind, allowed in numeric_options(cls) if allowed is not None
+                for value in outside(kind, allowed)]
+
+
+@pytest.mark.parametrize("command, name, value", OUT_OF_RANGE,
+                         ids=[f"{c}--{n.replace('_', '-')}={v}" for c, n, v in OUT_OF_RANGE])
+def test_an_option_out_of_range_is_one_error_before_anything_runs(command, name, value, tmp_path, capsys):
+    main, cls, required = COMMANDS[command]
+    flag, out = "--" + name.replace("_", "-"), tmp_path / "out"
+    where = {"predict": ["--output", str(out / "p.csv")], "prepare_data": ["--cache-dir", str(out)]}.get(
+        command, ["--output-dir", str(out)])
+    # a model that does not exist: had anything been loaded before the check, the error would be another
+    argv = ["--model", str(tmp_path / "no-model"), *required[2:], *where, flag, str(value)]
+    code = run(main, cls, command, argv)
+    err = squash(capsys.readouterr().err)
+    assert code == 2, err
+    assert "error:" in err and "fix:" in err and "Traceback" not in err
+    assert squash(f"{flag} {value!r} is out of range") in err, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -316,7 +316,8 @@ def test_policy_folders_are_safe_names_for_any_spelling():
     (["--resume-from", "runs/x/checkpoints/step-1"], "resumes each run from its own folder"),
     (["--seeds", "1,1"], "--seeds names 1 more than once"),
     (["--seeds", "1,a"], "is not a list of integers"),
-    (["--repeats", "0"], "--repeats 0 trains nothing"),
+    (["--repeats", "0"], "--repeats 0 is out of range"),
+    (["--seeds", "1,-2"], "--seeds -2 is out of range"),
     (["--seeds", "1,2", "--repeats", "2"], "--seeds and --repeats both choose"),
 ])
 def test_bad_compare_options_are_one_clear_error(extra, message, tmp_path, minilm, capsys):

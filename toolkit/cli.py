@@ -15,9 +15,8 @@ from .errors import RunFailed, ToolkitError
 
 
 def run(main: Callable[[object], int], config_cls: type, description: str, argv: list[str] | None = None) -> int:
-    cfg = parse_args(config_cls, argv, description)
     try:
-        return main(cfg)
+        return main(parse_args(config_cls, argv, description))  # parsing checks every option's range
     except (ToolkitError, RunFailed) as err:
         # Input errors are deterministic, and a RunFailed is agreed by all ranks first: print it once.
         if os.environ.get("RANK", "0") == "0":

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import report, summary
-from .config import TrainConfig, _opt, save_json
+from .config import COUNT, NON_NEGATIVE, SEED, Range, TrainConfig, _opt, save_json
 from .errors import ToolkitError
 from .policy import Policy
 from .preemption import PREEMPTED_EXIT_CODE
@@ -53,11 +53,11 @@ class CompareConfig(TrainConfig):
                                             "paired F1 change and speed-up")
     seeds: Optional[str] = _opt(None, "comma-separated training seeds, every policy trained once per seed "
                                       "(e.g. 42,43,44; default: --seed alone); the data rows stay those of --data-seed")
-    repeats: Optional[int] = _opt(None, "train every policy with K seeds: --seed, --seed+1, ..., --seed+K-1")
+    repeats: Optional[int] = _opt(None, "train every policy with K seeds: --seed, --seed+1, ..., --seed+K-1", COUNT)
     # replaced by --policies; given anyway -> a clear error
     freeze: Optional[str] = _opt(None, argparse.SUPPRESS)
-    layer_lr_decay: Optional[float] = _opt(None, argparse.SUPPRESS)
-    unfreeze_every: Optional[int] = _opt(None, argparse.SUPPRESS)
+    layer_lr_decay: Optional[float] = _opt(None, argparse.SUPPRESS, Range(0, 1, low_open=True))
+    unfreeze_every: Optional[int] = _opt(None, argparse.SUPPRESS, NON_NEGATIVE)
     unfreeze_to: Optional[str] = _opt(None, argparse.SUPPRESS)
 
     def resolve_output_dir(self) -> Path:
@@ -87,9 +87,7 @@ def parse_policies(text: str) -> list[Policy]:
 def parse_seeds(cfg: "CompareConfig") -> list[int]:
     if cfg.seeds is not None and cfg.repeats is not None:
         raise ToolkitError("--seeds and --repeats both choose the training seeds", "pass only one of them")
-    if cfg.repeats is not None:
-        if cfg.repeats < 1:
-            raise ToolkitError(f"--repeats {cfg.repeats} trains nothing", "pass --repeats 1 or more")
+    if cfg.repeats is not None:  # at least 1: its Range
         return [cfg.seed + k for k in range(cfg.repeats)]
     if cfg.seeds is None:
         return [cfg.seed]
@@ -99,6 +97,9 @@ def parse_seeds(cfg: "CompareConfig") -> list[int]:
         raise ToolkitError(f"--seeds {cfg.seeds!r} is not a list of integers", "pass e.g. --seeds 42,43,44") from None
     if not seeds:
         raise ToolkitError("--seeds is empty", "pass e.g. --seeds 42,43,44")
+    if bad := [s for s in seeds if not SEED.accepts(s)]:
+        raise ToolkitError(f"--seeds {', '.join(map(str, bad))} is out of range: a seed must be {SEED.describe()}",
+                           "pass e.g. --seeds 42,43,44")
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
         raise ToolkitError(f"--seeds names {', '.join(map(str, repeated))} more than once", "list each seed once")

@@ -27,9 +27,6 @@ from .train import shared_output_dir, setup, write_predictions
 def eval_split(cfg: DataConfig, log=print) -> Dataset:
     """The eval rows exactly as training selects them; --eval-file alone needs no train file."""
     if cfg.eval_file and not cfg.train_file:
-        if cfg.eval_samples is not None and cfg.eval_samples < 1:
-            raise ToolkitError(f"--eval-samples must be at least 1, got {cfg.eval_samples}",
-                               "pass a positive --eval-samples")
         # build_splits would insist on a train file; this is its sampling of a custom eval file.
         eval_raw = load_data_file(Path(cfg.eval_file), cfg.file_encoding, cfg.cache_dir)
         return take_sample(clean(eval_raw, cfg, "eval", log), cfg.eval_samples, cfg.data_seed)

@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from transformers.utils import logging as hf_logging
 
-from .config import _opt
+from .config import COUNT, _opt
 from .data import resolve_max_length
 from .errors import ToolkitError
 from .saved import LAYOUTS, load_saved
@@ -37,8 +37,8 @@ class PredictConfig:
     input: str = _opt("-", "texts: .txt (one per line), .csv, .jsonl, .parquet, or '-' for one per line on stdin")
     output: Optional[str] = _opt(None, "result file, .csv or .jsonl (default: JSON Lines on stdout)")
     text_column: str = _opt("text", "text column of a .csv / .jsonl / .parquet input")
-    batch_size: int = _opt(32, "texts per forward pass")
-    max_length: Optional[int] = _opt(None, "truncate to this many tokens (default: what the model was trained with)")
+    batch_size: int = _opt(32, "texts per forward pass", COUNT)
+    max_length: Optional[int] = _opt(None, "truncate to this many tokens (default: what the model was trained with)", COUNT)
     cpu: bool = _opt(False, "run on CPU even if a GPU is visible")
 
 
@@ -108,8 +108,6 @@ def write_results(rows: list[dict], output: str | None) -> None:
 
 
 def main(cfg: PredictConfig) -> int:
-    if cfg.batch_size < 1:
-        raise ToolkitError(f"--batch-size must be at least 1, got {cfg.batch_size}", "pass a positive --batch-size")
     if cfg.output and Path(cfg.output).suffix.lower() not in OUTPUT_FORMATS:
         raise ToolkitError(f"unsupported output type '{Path(cfg.output).suffix}' for {cfg.output}",
                            "name the --output file *.csv or *.jsonl")
