@@ -9,6 +9,7 @@ from typing import get_type_hints
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import python
 from toolkit.cli import run
@@ -173,3 +174,40 @@ def test_an_option_out_of_range_is_one_error_before_anything_runs(command, name,
     assert "error:" in err and "fix:" in err and "Traceback" not in err
     assert squash(f"{flag} {value!r} is out of range") in err, err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- issue 19: class names in the metrics table
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, minilm):
+    """Random 2-block BERTs with MiniLM's tokenizer, one per class count: these checks need no learning."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    folders = {}
+    for labels in (2, 4):
+        folders[labels] = str(tmp_path_factory.mktemp(f"tiny{labels}"))
+        torch.manual_seed(0)
+        BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=2, intermediate_size=64, num_labels=labels)
+                                      ).save_pretrained(folders[labels])
+        tokenizer.save_pretrained(folders[labels])
+    return folders
+
+
+def test_per_class_metric_rows_show_the_class_names(tiny, tmp_path, capsys):
+    names = ["books", "music", "film", "games"]
+    four = write(tmp_path / "four.parquet", text=[f"a {n} review, number {i}" for i in range(8) for n in names],
+                 label=names * 8)
+    out = tmp_path / "run"
+    assert run(train_main, TrainConfig, "train", ["--model", tiny[4], "--train-file", four, "--output-dir", str(out),
+                                                  "--cpu", "--max-length", "32", "--max-steps", "1", "--quiet"]) == 0
+    shown = capsys.readouterr().out
+    assert run(evaluate_main, EvalConfig, "evaluate", ["--model", str(out), "--same-data", "--cpu",
+                                                       "--output-dir", str(tmp_path / "eval")]) == 0
+    scored = capsys.readouterr().out
+    for table in (shown, scored):
+        for name in names:
+            for metric in ("precision", "recall", "f1"):
+                assert f"{metric}[{name}]" in table, table

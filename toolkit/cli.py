@@ -8,10 +8,10 @@ from typing import Callable
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 
 from .config import parse_args
 from .errors import RunFailed, ToolkitError
+from .run_log import plain
 
 
 def run(main: Callable[[object], int], config_cls: type, description: str, argv: list[str] | None = None) -> int:
@@ -21,10 +21,10 @@ def run(main: Callable[[object], int], config_cls: type, description: str, argv:
         # Input errors are deterministic, and a RunFailed is agreed by all ranks first: print it once.
         if os.environ.get("RANK", "0") == "0":
             console = Console(stderr=True, highlight=False)
-            # escape: OS and library messages carry brackets ("[Errno 28]", "[enforce fail ...]") that rich would eat
-            console.print(f"[bold red]error:[/bold red] {escape(err.problem)}", markup=True)
+            # plain(): OS and library messages carry brackets ("[Errno 28]", "[enforce fail ...]") that rich would eat
+            console.print(f"[bold red]error:[/bold red] {plain(err.problem)}", markup=True)
             if err.fix:
-                console.print(f"[bold]fix:[/bold] {escape(err.fix)}")
+                console.print(f"[bold]fix:[/bold] {plain(err.fix)}")
         return err.exit_code if isinstance(err, RunFailed) else 2
 
 

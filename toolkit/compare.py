@@ -26,13 +26,13 @@ from typing import Optional
 import torch
 from accelerate.utils import broadcast_object_list
 from rich.console import Console
-from rich.markup import escape
 
 from . import report, summary
 from .config import COUNT, NON_NEGATIVE, SEED, Range, TrainConfig, _opt, save_json
 from .errors import ToolkitError
 from .policy import Policy
 from .preemption import PREEMPTED_EXIT_CODE
+from .run_log import plain
 from .train import shared_output_dir, setup
 from .train import main as train_main
 
@@ -203,14 +203,14 @@ def main(cfg: CompareConfig) -> int:
         if decisions[0][key] == "reuse":
             record["status"] = "reused"
             if console:
-                console.print(f"[green]{escape(name)}: finished run found in {run_cfg.output_dir}, reused[/green]")
+                console.print(f"[green]{plain(name)}: finished run found in {plain(run_cfg.output_dir)}, reused[/green]")
             continue
         try:
             result = train_main(run_cfg)
         except Exception as exc:  # one run failing must not cost the others theirs
             record.update(status="failed", error=_describe(exc))
             if console:
-                console.print(f"[bold red]{escape(name)} failed:[/bold red] {escape(record['error'])}")
+                console.print(f"[bold red]{plain(name)} failed:[/bold red] {plain(record['error'])}")
                 if not isinstance(exc, ToolkitError):
                     traceback.print_exc()
             result = None
@@ -240,7 +240,7 @@ def main(cfg: CompareConfig) -> int:
               flush=True)
         failed = [f"{r['policy']} (seed {r['seed']})" for r in ordered if r["status"] == "failed"]
         if failed:
-            console.print(f"[bold red]{len(failed)} of {len(ordered)} runs failed: {escape(', '.join(failed))}[/bold red] "
+            console.print(f"[bold red]{len(failed)} of {len(ordered)} runs failed: {plain(', '.join(failed))}[/bold red] "
                           "(see report.md)")
     accelerator.wait_for_everyone()
     if code:

@@ -15,7 +15,7 @@ from accelerate.utils import DistributedType
 from .errors import RunFailed
 from .metrics import classification_metrics
 from .preemption import StopRequest
-from .run_log import RunLog
+from .run_log import RunLog, plain
 from .throughput import FlopModel, batch_stats
 
 NON_FINITE_EXIT_CODE = 3  # training diverged: not 0 (no result) and not 75 (a requeue would diverge again)
@@ -275,7 +275,7 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
                     window_tokens, window_padded, window_flops = 0, 0, 0.0
                 if stop_now:
                     bank_time()
-                    run_log.print(f"[yellow]stop requested ({stop.reason()}): checkpointing at step {state.global_step}[/yellow]")
+                    run_log.print(f"[yellow]stop requested ({plain(stop.reason())}): checkpointing at step {state.global_step}[/yellow]")
                     checkpoint(state)
                     return "preempted"
                 if checkpoint_every and state.global_step % checkpoint_every == 0:

@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 from .config import COUNT, _opt
 from .data import resolve_max_length
 from .errors import ToolkitError
+from .run_log import plain
 from .saved import LAYOUTS, load_saved
 
 TABLE_FORMATS = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True),
@@ -72,7 +73,7 @@ def _nonblank(rows, path: Path | None = None) -> list[tuple[int, str]]:
         raise ToolkitError(f"no texts to classify in {where} ({len(rows)} rows, all blank)" if rows else f"{where} is empty",
                            "give one text per line (.txt / stdin) or a text column (.csv / .jsonl / .parquet)")
     if len(kept) < len(rows):
-        Console(stderr=True).print(f"[yellow]skipped {len(rows) - len(kept)} blank text(s) in {where}[/yellow]")
+        Console(stderr=True).print(f"[yellow]skipped {len(rows) - len(kept)} blank text(s) in {plain(where)}[/yellow]")
     return kept
 
 
@@ -124,5 +125,5 @@ def main(cfg: PredictConfig) -> int:
     write_results([{"index": i, "label": names[int(p)], "label_id": int(p), "probability": round(float(pr[p]), 6),
                     "text": text} for (i, text), p, pr in zip(rows, preds, probs)], cfg.output)
     if cfg.output:
-        Console(stderr=True).print(f"{len(rows)} predictions written to {cfg.output}")
+        Console(stderr=True).print(f"{len(rows)} predictions written to {plain(cfg.output)}")
     return 0

@@ -38,7 +38,7 @@ from .policy import Policy
 from .precision import (device_capability, enable_tf32, has_kernels, launcher_command_line, resolve_mixed_precision,
                         tf32_applies)
 from .preemption import PREEMPTED_EXIT_CODE, StopRequest
-from .run_log import RunLog
+from .run_log import RunLog, plain
 from .throughput import CurrentFlops, FlopModel, device_peak_flops, disable_frozen_dropout
 
 
@@ -194,7 +194,7 @@ def main(cfg: TrainConfig) -> int:
     run_log.print(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples, max length {max_length}")
     run_log.freeze_table(summary)
     if policy.gradual:
-        run_log.print("gradual unfreezing: " + ", ".join(f"{stage.spec} from step {step}" for step, stage in schedule))
+        run_log.print("gradual unfreezing: " + plain(", ".join(f"{stage.spec} from step {step}" for step, stage in schedule)))
     if cfg.cache_frozen:
         FrozenCache.preflight(accelerator, model, policy, train_ds, eval_ds)
     # A frozen feature extractor runs as at inference (Keras' transfer-learning convention): its dropout
@@ -288,7 +288,7 @@ def main(cfg: TrainConfig) -> int:
                                f"this run has {accelerator.num_processes}", "resume with the same number of processes")
         accelerator.load_state(str(resume))
         state = TrainState(**progress["state"])
-        run_log.print(f"[green]resumed from {resume}: epoch {state.epoch}, step {state.global_step}, "
+        run_log.print(f"[green]resumed from {plain(resume)}: epoch {state.epoch}, step {state.global_step}, "
                        f"{state.batches_done} batches into the epoch[/green]")
     if policy.gradual:
         policy.set_stage(raw_model, state.global_step)  # where the schedule stands (also after a resume)
