@@ -17,6 +17,7 @@ from toolkit.compare import CompareConfig
 from toolkit.compare import main as compare_main
 from toolkit.config import DataConfig, EvalConfig, PrepareConfig, TrainConfig
 from toolkit.data import build_splits
+from toolkit.errors import ToolkitError
 from toolkit.evaluate import main as evaluate_main
 from toolkit.predict import PredictConfig
 from toolkit.predict import main as predict_main
@@ -67,6 +68,9 @@ CASES = {
     "zero batch size": (lambda d, g: ["--train-file", g, "--batch-size", "0"], "--batch-size 0 is out of range", ">= 1"),
     "negative lr": (lambda d, g: ["--train-file", g, "--lr", "-1"], "--lr -1.0 is out of range", "> 0"),
     "zero epochs": (lambda d, g: ["--train-file", g, "--epochs", "0"], "--epochs 0 is out of range", ">= 1"),
+    "one class": (lambda d, g: ["--train-file", write(d / "one.parquet", text=["good", "fine", "nice", "great"] * 4,
+                                                      label=[1] * 16)],
+                  "are all one class, 1", "--allow-one-class"),
 }
 
 
@@ -211,3 +215,20 @@ def test_per_class_metric_rows_show_the_class_names(tiny, tmp_path, capsys):
         for name in names:
             for metric in ("precision", "recall", "f1"):
                 assert f"{metric}[{name}]" in table, table
+
+
+# ---------------------------------------------------------------- issue 19: one-class training data
+
+
+def test_one_class_training_labels_need_both_a_declared_label_space_and_the_override(tmp_path):
+    one = write(tmp_path / "one.parquet", text=["good", "fine", "nice", "great"] * 4, label=["pos"] * 16)
+    for refused in (DataConfig(train_file=one), DataConfig(train_file=one, allow_one_class=True),
+                    DataConfig(train_file=one, label_names=["neg", "pos"])):
+        with pytest.raises(ToolkitError, match="are all one class, 'pos'") as err:
+            build_splits(refused, log=lambda *a: None)
+        assert "--allow-one-class" in err.value.fix and "--label-names" in err.value.fix
+    cfg = DataConfig(train_file=one, label_names=["neg", "pos"], allow_one_class=True)
+    build_splits(cfg, log=lambda *a: None)
+    assert cfg.num_labels == 2 and cfg.label_names == ["neg", "pos"]
+    # scoring only (evaluate): the training rows just fix the split, one class is fine there
+    build_splits(DataConfig(train_file=one, label_names=["neg", "pos"]), log=lambda *a: None, training=False)

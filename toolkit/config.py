@@ -72,6 +72,8 @@ class DataConfig:
                                        type=lambda s: [n.strip() for n in s.split(",")])
     num_labels: Optional[int] = _opt(None, "number of classes (default: inferred from the training labels; checked when given)",
                                      Range(2))
+    allow_one_class: bool = _opt(False, "train although the training labels hold one class only (refused by default: "
+                                        "such a model can only say one thing); needs --num-labels or --label-names")
     file_encoding: str = _opt("utf-8", "text encoding of CSV / JSON files (e.g. latin-1, cp1252, utf-16)")
     train_samples: Optional[int] = _opt(None, "number of training examples (default: the preset's)", COUNT)
     eval_samples: Optional[int] = _opt(None, "number of evaluation examples (default: the preset's)", COUNT)

@@ -30,7 +30,7 @@ def eval_split(cfg: DataConfig, log=print) -> Dataset:
         # build_splits would insist on a train file; this is its sampling of a custom eval file.
         eval_raw = load_data_file(Path(cfg.eval_file), cfg.file_encoding, cfg.cache_dir)
         return take_sample(clean(eval_raw, cfg, "eval", log), cfg.eval_samples, cfg.data_seed)
-    return build_splits(cfg, log)[1]
+    return build_splits(cfg, log, training=False)[1]
 
 
 def data_config(cfg: EvalConfig, saved: Saved) -> DataConfig:
