@@ -64,10 +64,12 @@ CASES = {
                                   "--frozen-dropout cannot apply", "drop one of the two flags"),
     "unsupported file": (lambda d, g: ["--train-file", str((d / "x.txt").write_text("hi") and d / "x.txt")],
                          "unsupported file type", ".parquet"),
-    # issue 19: these ended in a traceback or a run that "finished" without training
+    # issue 19: these ended in a traceback, an empty folder, or a run that "finished" without training
     "zero batch size": (lambda d, g: ["--train-file", g, "--batch-size", "0"], "--batch-size 0 is out of range", ">= 1"),
     "negative lr": (lambda d, g: ["--train-file", g, "--lr", "-1"], "--lr -1.0 is out of range", "> 0"),
     "zero epochs": (lambda d, g: ["--train-file", g, "--epochs", "0"], "--epochs 0 is out of range", ">= 1"),
+    "resume from nowhere": (lambda d, g: ["--train-file", g, "--resume-from", str(d / "no" / "such")],
+                            "no complete checkpoint", "'auto'"),
     "one class": (lambda d, g: ["--train-file", write(d / "one.parquet", text=["good", "fine", "nice", "great"] * 4,
                                                       label=[1] * 16)],
                   "are all one class, 1", "--allow-one-class"),
@@ -232,3 +234,41 @@ def test_one_class_training_labels_need_both_a_declared_label_space_and_the_over
     assert cfg.num_labels == 2 and cfg.label_names == ["neg", "pos"]
     # scoring only (evaluate): the training rows just fix the split, one class is fine there
     build_splits(DataConfig(train_file=one, label_names=["neg", "pos"]), log=lambda *a: None, training=False)
+
+
+# ---------------------------------------------------------------- issue 19: a failed start leaves nothing behind
+
+
+@pytest.mark.parametrize("failure, code", [(ToolkitError("the tracker broke", "mend it"), 2), (RuntimeError("a bug"), None)])
+def test_a_start_that_fails_before_the_first_step_leaves_the_disk_as_it_was(failure, code, tiny, good, tmp_path,
+                                                                            monkeypatch, capsys):
+    from toolkit import tracking
+
+    written = []
+
+    def failing(accelerator, run_log, trackers, out, *args, **kwargs):  # late: the model is wrapped, config.json written
+        written.append((out / "config.json").is_file())
+        raise failure
+
+    monkeypatch.setattr(tracking, "start", failing)
+    argv = ["--model", tiny[2], "--train-file", good, "--cpu", "--max-length", "32", "--max-steps", "2"]
+
+    def attempt(out):
+        if code is None:
+            with pytest.raises(RuntimeError, match="a bug"):
+                run(train_main, TrainConfig, "train", [*argv, "--output-dir", str(out)])
+        else:
+            assert run(train_main, TrainConfig, "train", [*argv, "--output-dir", str(out)]) == code
+        err = squash(capsys.readouterr().err)
+        assert written.pop() is True and "Traceback" not in err
+        assert {2: "thetrackerbroke", None: ""}[code] in err, err
+
+    attempt(tmp_path / "new" / "deeper" / "run")
+    assert not (tmp_path / "new").exists(), "every folder the run created goes"
+    old = tmp_path / "old"
+    old.mkdir()
+    for name, text in (("config.json", "{}"), ("metrics.json", "{}"), ("notes.txt", "mine")):
+        (old / name).write_text(text)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    attempt(old)
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before

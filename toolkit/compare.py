@@ -193,6 +193,8 @@ def main(cfg: CompareConfig) -> int:
     if isinstance(decisions[0], ToolkitError):
         raise decisions[0]  # on every rank, so none is left waiting for the others
     console = Console(stderr=True, highlight=False) if accelerator.is_main_process else None
+    if accelerator.is_main_process:  # the report's folder: a run that fails to start removes only its own
+        out.mkdir(parents=True, exist_ok=True)
     hardware = summary.describe_hardware(accelerator.device.type, accelerator.num_processes)
 
     records = {key: {"policy": key[0], "seed": key[1], "run_dir": str(Path(cfg.output_dir).relative_to(out)),
