@@ -182,7 +182,21 @@ def test_an_option_out_of_range_is_one_error_before_anything_runs(command, name,
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-# ---------------------------------------------------------------- issue 19: class names in the metrics table
+# ---------------------------------------------------------------- issue 19: one-class data, failed starts, class names
+
+
+def test_one_class_training_labels_need_both_a_declared_label_space_and_the_override(tmp_path):
+    one = write(tmp_path / "one.parquet", text=["good", "fine", "nice", "great"] * 4, label=["pos"] * 16)
+    for refused in (DataConfig(train_file=one), DataConfig(train_file=one, allow_one_class=True),
+                    DataConfig(train_file=one, label_names=["neg", "pos"])):
+        with pytest.raises(ToolkitError, match="are all one class, 'pos'") as err:
+            build_splits(refused, log=lambda *a: None)
+        assert "--allow-one-class" in err.value.fix and "--label-names" in err.value.fix
+    cfg = DataConfig(train_file=one, label_names=["neg", "pos"], allow_one_class=True)
+    build_splits(cfg, log=lambda *a: None)
+    assert cfg.num_labels == 2 and cfg.label_names == ["neg", "pos"]
+    # scoring only (evaluate): the training rows just fix the split, one class is fine there
+    build_splits(DataConfig(train_file=one, label_names=["neg", "pos"]), log=lambda *a: None, training=False)
 
 
 @pytest.fixture(scope="module")
@@ -202,44 +216,8 @@ def tiny(tmp_path_factory, minilm):
     return folders
 
 
-def test_per_class_metric_rows_show_the_class_names(tiny, tmp_path, capsys):
-    names = ["books", "music", "film", "games"]
-    four = write(tmp_path / "four.parquet", text=[f"a {n} review, number {i}" for i in range(8) for n in names],
-                 label=names * 8)
-    out = tmp_path / "run"
-    assert run(train_main, TrainConfig, "train", ["--model", tiny[4], "--train-file", four, "--output-dir", str(out),
-                                                  "--cpu", "--max-length", "32", "--max-steps", "1", "--quiet"]) == 0
-    shown = capsys.readouterr().out
-    assert run(evaluate_main, EvalConfig, "evaluate", ["--model", str(out), "--same-data", "--cpu",
-                                                       "--output-dir", str(tmp_path / "eval")]) == 0
-    scored = capsys.readouterr().out
-    for table in (shown, scored):
-        for name in names:
-            for metric in ("precision", "recall", "f1"):
-                assert f"{metric}[{name}]" in table, table
-
-
-# ---------------------------------------------------------------- issue 19: one-class training data
-
-
-def test_one_class_training_labels_need_both_a_declared_label_space_and_the_override(tmp_path):
-    one = write(tmp_path / "one.parquet", text=["good", "fine", "nice", "great"] * 4, label=["pos"] * 16)
-    for refused in (DataConfig(train_file=one), DataConfig(train_file=one, allow_one_class=True),
-                    DataConfig(train_file=one, label_names=["neg", "pos"])):
-        with pytest.raises(ToolkitError, match="are all one class, 'pos'") as err:
-            build_splits(refused, log=lambda *a: None)
-        assert "--allow-one-class" in err.value.fix and "--label-names" in err.value.fix
-    cfg = DataConfig(train_file=one, label_names=["neg", "pos"], allow_one_class=True)
-    build_splits(cfg, log=lambda *a: None)
-    assert cfg.num_labels == 2 and cfg.label_names == ["neg", "pos"]
-    # scoring only (evaluate): the training rows just fix the split, one class is fine there
-    build_splits(DataConfig(train_file=one, label_names=["neg", "pos"]), log=lambda *a: None, training=False)
-
-
-# ---------------------------------------------------------------- issue 19: a failed start leaves nothing behind
-
-
-@pytest.mark.parametrize("failure, code", [(ToolkitError("the tracker broke", "mend it"), 2), (RuntimeError("a bug"), None)])
+@pytest.mark.parametrize("failure, code", [(ToolkitError("the tracker broke", "mend it"), 2),
+                                           (KeyboardInterrupt(), 130), (RuntimeError("a bug"), None)])
 def test_a_start_that_fails_before_the_first_step_leaves_the_disk_as_it_was(failure, code, tiny, good, tmp_path,
                                                                             monkeypatch, capsys):
     from toolkit import tracking
@@ -261,7 +239,7 @@ def test_a_start_that_fails_before_the_first_step_leaves_the_disk_as_it_was(fail
             assert run(train_main, TrainConfig, "train", [*argv, "--output-dir", str(out)]) == code
         err = squash(capsys.readouterr().err)
         assert written.pop() is True and "Traceback" not in err
-        assert {2: "thetrackerbroke", None: ""}[code] in err, err
+        assert {2: "thetrackerbroke", 130: "interrupted(Ctrl-C)", None: ""}[code] in err, err
 
     attempt(tmp_path / "new" / "deeper" / "run")
     assert not (tmp_path / "new").exists(), "every folder the run created goes"
@@ -272,3 +250,20 @@ def test_a_start_that_fails_before_the_first_step_leaves_the_disk_as_it_was(fail
     before = {p.name: p.read_bytes() for p in old.iterdir()}
     attempt(old)
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+
+
+def test_per_class_metric_rows_show_the_class_names(tiny, tmp_path, capsys):
+    names = ["books", "music", "film", "games"]
+    four = write(tmp_path / "four.parquet", text=[f"a {n} review, number {i}" for i in range(8) for n in names],
+                 label=names * 8)
+    out = tmp_path / "run"
+    assert run(train_main, TrainConfig, "train", ["--model", tiny[4], "--train-file", four, "--output-dir", str(out),
+                                                  "--cpu", "--max-length", "32", "--max-steps", "1", "--quiet"]) == 0
+    shown = capsys.readouterr().out
+    assert run(evaluate_main, EvalConfig, "evaluate", ["--model", str(out), "--same-data", "--cpu",
+                                                       "--output-dir", str(tmp_path / "eval")]) == 0
+    scored = capsys.readouterr().out
+    for table in (shown, scored):
+        for name in names:
+            for metric in ("precision", "recall", "f1"):
+                assert f"{metric}[{name}]" in table, table

@@ -31,7 +31,7 @@ from . import report, summary
 from .config import COUNT, NON_NEGATIVE, SEED, Range, TrainConfig, _opt, save_json
 from .errors import ToolkitError
 from .policy import Policy
-from .preemption import PREEMPTED_EXIT_CODE
+from .preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from .run_log import plain
 from .train import shared_output_dir, setup
 from .train import main as train_main
@@ -217,9 +217,10 @@ def main(cfg: CompareConfig) -> int:
                     traceback.print_exc()
             result = None
         _free_memory()
-        if result == PREEMPTED_EXIT_CODE:
-            record.update(status="interrupted", error="stopped by a stop request; checkpoint saved")
-            code = PREEMPTED_EXIT_CODE
+        if result in (PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE):  # the run checkpointed; the rest wait for a rerun
+            record.update(status="interrupted", error="stopped by "
+                          + ("Ctrl-C" if result == INTERRUPTED_EXIT_CODE else "a stop request") + "; checkpoint saved")
+            code = result
             break
         if result == 0:
             record["status"] = "trained"

@@ -39,6 +39,11 @@ class RunLog:
         if self.is_main and self.verbosity >= 1:
             self.console.print(*objects)
 
+    def notice(self, *objects) -> None:
+        """Shown even with --quiet: what the user must know to go on (how to resume an interrupted run)."""
+        if self.is_main:
+            self.console.print(*objects)
+
     def detail(self, *objects) -> None:
         """Shown with --verbose only."""
         if self.is_main and self.verbosity >= 2:

@@ -37,7 +37,7 @@ from .model import build_optimizer, fsdp_wrap_classes, load_model, load_tokenize
 from .policy import Policy
 from .precision import (device_capability, enable_tf32, has_kernels, launcher_command_line, resolve_mixed_precision,
                         tf32_applies)
-from .preemption import PREEMPTED_EXIT_CODE, StopRequest
+from .preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, StopRequest
 from .run_log import RunLog, plain
 from .throughput import CurrentFlops, FlopModel, device_peak_flops, disable_frozen_dropout
 
@@ -377,20 +377,25 @@ def train(cfg: TrainConfig, guard: StartGuard) -> int:
                        f"eval loss {result.metrics['eval_loss']:.4f}")
         return result
 
-    stop = StopRequest(cfg.stop_file).install()
-    status = fit(accelerator, model, optimizer, scheduler, train_loader, sampler, state=state, epochs=cfg.epochs,
-                 max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, log_every=cfg.log_every,
-                 checkpoint_every=cfg.checkpoint_every, run_log=run_log, stop=stop, evaluate=evaluate,
-                 checkpoint=lambda s: ckpt.save_checkpoint(
-                     accelerator, out, {"state": s.to_dict(), "config": cfg.to_dict(),
-                                        "policy": {**policy.record(), "stage": policy.stage(raw_model, s.global_step).spec}},
-                     cfg.keep_checkpoints),
-                 flop_model=flop_model, peak_flops=peak_flops, max_skipped_steps=cfg.max_skipped_steps,
-                 on_step=after_step)
+    with StopRequest(cfg.stop_file) as stop:  # SIGTERM, SIGUSR1, the stop file and Ctrl-C: checkpoint, then exit
+        status = fit(accelerator, model, optimizer, scheduler, train_loader, sampler, state=state, epochs=cfg.epochs,
+                     max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, log_every=cfg.log_every,
+                     checkpoint_every=cfg.checkpoint_every, run_log=run_log, stop=stop, evaluate=evaluate,
+                     checkpoint=lambda s: ckpt.save_checkpoint(
+                         accelerator, out, {"state": s.to_dict(), "config": cfg.to_dict(),
+                                            "policy": {**policy.record(), "stage": policy.stage(raw_model, s.global_step).spec}},
+                         cfg.keep_checkpoints),
+                     flop_model=flop_model, peak_flops=peak_flops, max_skipped_steps=cfg.max_skipped_steps,
+                     on_step=after_step)
     if status == "preempted":
         tracking.finish(accelerator, run_log)
         run_log.print(f"[yellow]checkpoint saved; exiting with {PREEMPTED_EXIT_CODE} so the job can be requeued[/yellow]")
         return PREEMPTED_EXIT_CODE
+    if status == "interrupted":
+        tracking.finish(accelerator, run_log)
+        run_log.notice(f"[yellow]interrupted: checkpoint saved at step {state.global_step}; to continue, run the same "
+                       f"command with --output-dir {plain(out)} --resume-from auto[/yellow]")
+        return INTERRUPTED_EXIT_CODE
 
     # ---- final outputs (the eval is cheap next to training and makes the files self-consistent)
     result = evaluate(state.epoch)
