@@ -40,9 +40,11 @@ class Range:
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def describe(self) -> str:
+        # ints as ints: 4294967295, not 4.29497e+09
+        low, high = (f"{x:g}" if isinstance(x, float) else str(x) for x in (self.low, self.high))
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
 
 
 COUNT = Range(1)  # batches, epochs, steps, intervals: at least one
