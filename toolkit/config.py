@@ -125,7 +125,7 @@ class TrainConfig:
     resume_from: Optional[str] = _opt(None, "checkpoint folder, or 'auto' for the newest one in --output-dir")
     checkpoint_every: int = _opt(0, "also checkpoint every N optimizer steps (0: only at the end of each epoch)",
                                  NON_NEGATIVE)
-    keep_checkpoints: int = _opt(2, "how many step checkpoints to keep", COUNT)
+    keep_checkpoints: int = _opt(2, "how many step checkpoints to keep (0: keep them all)", NON_NEGATIVE)
     log_every: int = _opt(10, "log training metrics every N optimizer steps", COUNT)
     max_skipped_steps: int = _opt(100, "fp16: stop (exit 3) after more than this many optimizer steps in a row skipped "
                                        "by the loss scaler (a few are normal; a long run means inf/NaN gradients)",
