@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from .errors import RunFailed, ToolkitError
+from .run_log import plain
 
 PROGRESS = "progress.json"
 SAVE_FAILED_EXIT_CODE = 4
@@ -140,7 +141,7 @@ def resolve_resume(resume_from: str | None, output_dir: Path, log: Callable[[str
             problem = verify_checkpoint(candidate)
             if problem is None:
                 return candidate
-            log(f"[yellow]skipping checkpoint {candidate}: {problem}[/yellow]")
+            log(f"[yellow]skipping checkpoint {plain(candidate)}: {plain(problem)}[/yellow]")
         return None
     path = Path(resume_from)
     if not (path / PROGRESS).is_file():

@@ -48,13 +48,14 @@ def plot(argv: list[str] | None = None) -> None:
 
     from .curves import main
     from .errors import ToolkitError
+    from .run_log import plain
 
     try:
         code = main(argv)
     except ToolkitError as err:
         console = Console(stderr=True, highlight=False)
-        console.print(f"[bold red]error:[/bold red] {err.problem}")
-        console.print(f"[bold]fix:[/bold] {err.fix}")
+        console.print(f"[bold red]error:[/bold red] {plain(err.problem)}")
+        console.print(f"[bold]fix:[/bold] {plain(err.fix)}")
         code = 2
     sys.exit(code)
 

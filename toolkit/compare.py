@@ -26,13 +26,13 @@ from typing import Optional
 import torch
 from accelerate.utils import broadcast_object_list
 from rich.console import Console
-from rich.markup import escape
 
 from . import report, summary
-from .config import TrainConfig, _opt, save_json
+from .config import COUNT, NON_NEGATIVE, SEED, Range, TrainConfig, _opt, save_json
 from .errors import ToolkitError
 from .policy import Policy
-from .preemption import PREEMPTED_EXIT_CODE
+from .preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
+from .run_log import plain
 from .train import shared_output_dir, setup
 from .train import main as train_main
 
@@ -53,11 +53,11 @@ class CompareConfig(TrainConfig):
                                             "paired F1 change and speed-up")
     seeds: Optional[str] = _opt(None, "comma-separated training seeds, every policy trained once per seed "
                                       "(e.g. 42,43,44; default: --seed alone); the data rows stay those of --data-seed")
-    repeats: Optional[int] = _opt(None, "train every policy with K seeds: --seed, --seed+1, ..., --seed+K-1")
+    repeats: Optional[int] = _opt(None, "train every policy with K seeds: --seed, --seed+1, ..., --seed+K-1", COUNT)
     # replaced by --policies; given anyway -> a clear error
     freeze: Optional[str] = _opt(None, argparse.SUPPRESS)
-    layer_lr_decay: Optional[float] = _opt(None, argparse.SUPPRESS)
-    unfreeze_every: Optional[int] = _opt(None, argparse.SUPPRESS)
+    layer_lr_decay: Optional[float] = _opt(None, argparse.SUPPRESS, Range(0, 1, low_open=True))
+    unfreeze_every: Optional[int] = _opt(None, argparse.SUPPRESS, NON_NEGATIVE)
     unfreeze_to: Optional[str] = _opt(None, argparse.SUPPRESS)
 
     def resolve_output_dir(self) -> Path:
@@ -87,9 +87,7 @@ def parse_policies(text: str) -> list[Policy]:
 def parse_seeds(cfg: "CompareConfig") -> list[int]:
     if cfg.seeds is not None and cfg.repeats is not None:
         raise ToolkitError("--seeds and --repeats both choose the training seeds", "pass only one of them")
-    if cfg.repeats is not None:
-        if cfg.repeats < 1:
-            raise ToolkitError(f"--repeats {cfg.repeats} trains nothing", "pass --repeats 1 or more")
+    if cfg.repeats is not None:  # at least 1: its Range
         return [cfg.seed + k for k in range(cfg.repeats)]
     if cfg.seeds is None:
         return [cfg.seed]
@@ -99,6 +97,9 @@ def parse_seeds(cfg: "CompareConfig") -> list[int]:
         raise ToolkitError(f"--seeds {cfg.seeds!r} is not a list of integers", "pass e.g. --seeds 42,43,44") from None
     if not seeds:
         raise ToolkitError("--seeds is empty", "pass e.g. --seeds 42,43,44")
+    if bad := [s for s in seeds if not SEED.accepts(s)]:
+        raise ToolkitError(f"--seeds {', '.join(map(str, bad))} is out of range: a seed must be {SEED.describe()}",
+                           "pass e.g. --seeds 42,43,44")
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
         raise ToolkitError(f"--seeds names {', '.join(map(str, repeated))} more than once", "list each seed once")
@@ -192,6 +193,8 @@ def main(cfg: CompareConfig) -> int:
     if isinstance(decisions[0], ToolkitError):
         raise decisions[0]  # on every rank, so none is left waiting for the others
     console = Console(stderr=True, highlight=False) if accelerator.is_main_process else None
+    if accelerator.is_main_process:  # the report's folder: a run that fails to start removes only its own
+        out.mkdir(parents=True, exist_ok=True)
     hardware = summary.describe_hardware(accelerator.device.type, accelerator.num_processes)
 
     records = {key: {"policy": key[0], "seed": key[1], "run_dir": str(Path(cfg.output_dir).relative_to(out)),
@@ -202,21 +205,22 @@ def main(cfg: CompareConfig) -> int:
         if decisions[0][key] == "reuse":
             record["status"] = "reused"
             if console:
-                console.print(f"[green]{escape(name)}: finished run found in {run_cfg.output_dir}, reused[/green]")
+                console.print(f"[green]{plain(name)}: finished run found in {plain(run_cfg.output_dir)}, reused[/green]")
             continue
         try:
             result = train_main(run_cfg)
         except Exception as exc:  # one run failing must not cost the others theirs
             record.update(status="failed", error=_describe(exc))
             if console:
-                console.print(f"[bold red]{escape(name)} failed:[/bold red] {escape(record['error'])}")
+                console.print(f"[bold red]{plain(name)} failed:[/bold red] {plain(record['error'])}")
                 if not isinstance(exc, ToolkitError):
                     traceback.print_exc()
             result = None
         _free_memory()
-        if result == PREEMPTED_EXIT_CODE:
-            record.update(status="interrupted", error="stopped by a stop request; checkpoint saved")
-            code = PREEMPTED_EXIT_CODE
+        if result in (PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE):  # the run checkpointed; the rest wait for a rerun
+            record.update(status="interrupted", error="stopped by "
+                          + ("Ctrl-C" if result == INTERRUPTED_EXIT_CODE else "a stop request") + "; checkpoint saved")
+            code = result
             break
         if result == 0:
             record["status"] = "trained"
@@ -239,7 +243,7 @@ def main(cfg: CompareConfig) -> int:
               flush=True)
         failed = [f"{r['policy']} (seed {r['seed']})" for r in ordered if r["status"] == "failed"]
         if failed:
-            console.print(f"[bold red]{len(failed)} of {len(ordered)} runs failed: {escape(', '.join(failed))}[/bold red] "
+            console.print(f"[bold red]{len(failed)} of {len(ordered)} runs failed: {plain(', '.join(failed))}[/bold red] "
                           "(see report.md)")
     accelerator.wait_for_everyone()
     if code:

@@ -37,8 +37,8 @@ from .model import build_optimizer, fsdp_wrap_classes, load_model, load_tokenize
 from .policy import Policy
 from .precision import (device_capability, enable_tf32, has_kernels, launcher_command_line, resolve_mixed_precision,
                         tf32_applies)
-from .preemption import PREEMPTED_EXIT_CODE, StopRequest
-from .run_log import RunLog
+from .preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, StopRequest
+from .run_log import RunLog, plain
 from .throughput import CurrentFlops, FlopModel, device_peak_flops, disable_frozen_dropout
 
 
@@ -156,6 +156,56 @@ def open_output_dir(accelerator: Accelerator, out: Path, resume_from: str | None
     return answer[0]
 
 
+class StartGuard:
+    """Undoes a failed start. Armed from the moment a run opens its output folder (watch) until its first
+    optimizer step (disarm): any error, or a Ctrl-C, in between leaves the disk as it was. A folder this run
+    created goes, with every parent folder it created; a folder that was there before (a resume, a reused
+    --output-dir) loses what is new at its top level and gets back the files the start rewrote."""
+
+    REWRITTEN = ("config.json", "metrics.json")  # a start writes the one and removes the other
+
+    def __init__(self) -> None:
+        self.out: Path | None = None
+        self.created: Path | None = None
+        self.before: set[str] | None = None
+        self.saved: dict[str, bytes] = {}
+
+    def watch(self, out: Path, is_main: bool) -> None:
+        if not is_main:  # rank 0 alone writes the folder
+            return
+        self.out = out
+        missing = [p for p in (out, *out.parents) if not p.exists()]
+        self.created = missing[-1] if missing else None
+        if self.created is None and out.is_dir():
+            self.before = {p.name for p in out.iterdir()}
+            self.saved = {n: (out / n).read_bytes() for n in self.REWRITTEN if (out / n).is_file()}
+
+    def disarm(self) -> None:
+        self.out = None
+
+    def __enter__(self) -> "StartGuard":
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        if kind is not None and self.out is not None:
+            self.undo()
+
+    def undo(self) -> None:
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+        elif self.before is not None:
+            for path in self.out.iterdir():
+                if path.name in self.before:
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            for name, data in self.saved.items():
+                (self.out / name).write_bytes(data)
+        self.out = None
+
+
 def write_predictions(path: Path, result: EvalResult) -> None:
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
@@ -164,6 +214,11 @@ def write_predictions(path: Path, result: EvalResult) -> None:
 
 
 def main(cfg: TrainConfig) -> int:
+    with StartGuard() as guard:
+        return train(cfg, guard)
+
+
+def train(cfg: TrainConfig, guard: StartGuard) -> int:
     policy = Policy.from_config(cfg)  # the one parse of --freeze & co; a typo fails before anything loads
     if cfg.cache_frozen and cfg.frozen_dropout:
         raise ToolkitError("--cache-frozen computes the frozen part once, without dropout, so --frozen-dropout cannot apply",
@@ -194,7 +249,7 @@ def main(cfg: TrainConfig) -> int:
     run_log.print(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples, max length {max_length}")
     run_log.freeze_table(summary)
     if policy.gradual:
-        run_log.print("gradual unfreezing: " + ", ".join(f"{stage.spec} from step {step}" for step, stage in schedule))
+        run_log.print("gradual unfreezing: " + plain(", ".join(f"{stage.spec} from step {step}" for step, stage in schedule)))
     if cfg.cache_frozen:
         FrozenCache.preflight(accelerator, model, policy, train_ds, eval_ds)
     # A frozen feature extractor runs as at inference (Keras' transfer-learning convention): its dropout
@@ -203,7 +258,7 @@ def main(cfg: TrainConfig) -> int:
         run_log.detail(f"frozen part without dropout ({changed} dropout modules; --frozen-dropout keeps it)")
 
     out = shared_output_dir(accelerator, cfg)
-    created = accelerator.is_main_process and not out.exists()  # everything in it is then this run's
+    guard.watch(out, accelerator.is_main_process)
     resume = open_output_dir(accelerator, out, cfg.resume_from, run_log.print)
     recorded = ckpt.read_progress(resume).get("policy") if resume is not None else None
     wanted = policy.record()
@@ -288,28 +343,24 @@ def main(cfg: TrainConfig) -> int:
                                f"this run has {accelerator.num_processes}", "resume with the same number of processes")
         accelerator.load_state(str(resume))
         state = TrainState(**progress["state"])
-        run_log.print(f"[green]resumed from {resume}: epoch {state.epoch}, step {state.global_step}, "
+        run_log.print(f"[green]resumed from {plain(resume)}: epoch {state.epoch}, step {state.global_step}, "
                        f"{state.batches_done} batches into the epoch[/green]")
     if policy.gradual:
         policy.set_stage(raw_model, state.global_step)  # where the schedule stands (also after a resume)
         flop_model.model = FlopModel.from_model(raw_model, policy.stage(raw_model, state.global_step))
 
-    def thaw(steps_done: int) -> None:  # after every optimizer step: the next step trains the new stage
-        stage = policy.set_stage(raw_model, steps_done)
-        if stage is not None:
+    def after_step(steps_done: int) -> None:  # after every optimizer step, before the next forward
+        guard.disarm()  # training has begun: from here a failure keeps the folder (and its checkpoints)
+        stage = policy.set_stage(raw_model, steps_done) if policy.gradual else None
+        if stage is not None:  # the next step trains the new stage
             flop_model.model = FlopModel.from_model(raw_model, stage)
-            run_log.print(f"step {steps_done}: unfrozen to {stage.spec}")
+            run_log.print(f"step {steps_done}: unfrozen to {plain(stage.spec)}")
             run_log.record({"step": steps_done, "unfrozen_to": stage.spec})
 
     if cache is not None:
         state.train_runtime_s += cache.train_seconds  # it replaced the frozen part's forward passes
-    try:
-        tracking.start(accelerator, run_log, trackers, out, cfg.run_name or tracking.default_run_name(out), cfg.to_dict(),
-                       resume_step=state.global_step if resume is not None else None, verbosity=verbosity)
-    except ToolkitError:
-        if created:  # a tracker's bad settings are bad input: the new run leaves no folder behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    tracking.start(accelerator, run_log, trackers, out, cfg.run_name or tracking.default_run_name(out), cfg.to_dict(),
+                   resume_step=state.global_step if resume is not None else None, verbosity=verbosity)
 
     last_eval: dict[int, EvalResult] = {}  # global step -> result, so the end-of-run eval is not repeated
 
@@ -326,20 +377,25 @@ def main(cfg: TrainConfig) -> int:
                        f"eval loss {result.metrics['eval_loss']:.4f}")
         return result
 
-    stop = StopRequest(cfg.stop_file).install()
-    status = fit(accelerator, model, optimizer, scheduler, train_loader, sampler, state=state, epochs=cfg.epochs,
-                 max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, log_every=cfg.log_every,
-                 checkpoint_every=cfg.checkpoint_every, run_log=run_log, stop=stop, evaluate=evaluate,
-                 checkpoint=lambda s: ckpt.save_checkpoint(
-                     accelerator, out, {"state": s.to_dict(), "config": cfg.to_dict(),
-                                        "policy": {**policy.record(), "stage": policy.stage(raw_model, s.global_step).spec}},
-                     cfg.keep_checkpoints),
-                 flop_model=flop_model, peak_flops=peak_flops, max_skipped_steps=cfg.max_skipped_steps,
-                 on_step=thaw if policy.gradual else None)
+    with StopRequest(cfg.stop_file) as stop:  # SIGTERM, SIGUSR1, the stop file and Ctrl-C: checkpoint, then exit
+        status = fit(accelerator, model, optimizer, scheduler, train_loader, sampler, state=state, epochs=cfg.epochs,
+                     max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, log_every=cfg.log_every,
+                     checkpoint_every=cfg.checkpoint_every, run_log=run_log, stop=stop, evaluate=evaluate,
+                     checkpoint=lambda s: ckpt.save_checkpoint(
+                         accelerator, out, {"state": s.to_dict(), "config": cfg.to_dict(),
+                                            "policy": {**policy.record(), "stage": policy.stage(raw_model, s.global_step).spec}},
+                         cfg.keep_checkpoints),
+                     flop_model=flop_model, peak_flops=peak_flops, max_skipped_steps=cfg.max_skipped_steps,
+                     on_step=after_step)
     if status == "preempted":
         tracking.finish(accelerator, run_log)
         run_log.print(f"[yellow]checkpoint saved; exiting with {PREEMPTED_EXIT_CODE} so the job can be requeued[/yellow]")
         return PREEMPTED_EXIT_CODE
+    if status == "interrupted":
+        tracking.finish(accelerator, run_log)
+        run_log.notice(f"[yellow]interrupted: checkpoint saved at step {state.global_step}; to continue, run the same "
+                       f"command with --output-dir {plain(out)} --resume-from auto[/yellow]")
+        return INTERRUPTED_EXIT_CODE
 
     # ---- final outputs (the eval is cheap next to training and makes the files self-consistent)
     result = evaluate(state.epoch)
