@@ -35,8 +35,8 @@ CHILD = r"""
 import inspect, json, resource, sys, time
 args = json.loads(sys.argv[1])
 from transformers import AutoTokenizer
-from toolkit.config import DataConfig
-from toolkit import data as D
+from toolkit.core.config import DataConfig
+from toolkit.data import dataset as D
 imported = time.time() - args["launched"]
 tok = AutoTokenizer.from_pretrained(args["model"])
 cfg = DataConfig(task="amazon", data_dir=args["data_dir"], eval_samples=2000, max_length=128)

@@ -3,14 +3,25 @@ training starts and without leaving anything that looks like a run or a checkpoi
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import get_type_hints
+
 import pandas as pd
 import pytest
+import torch
 from conftest import python
 
 from toolkit.cli import run
-from toolkit.core.config import DataConfig, EvalConfig, TrainConfig
+from toolkit.compare import CompareConfig
+from toolkit.compare import main as compare_main
+from toolkit.core.config import DataConfig, EvalConfig, PrepareConfig, TrainConfig
+from toolkit.core.errors import ToolkitError
 from toolkit.data.dataset import build_splits
 from toolkit.evaluate import main as evaluate_main
+from toolkit.predict import PredictConfig
+from toolkit.predict import main as predict_main
+from toolkit.prepare import main as prepare_main
 from toolkit.train import main as train_main
 
 
@@ -59,6 +70,16 @@ CASES = {
                                   "--frozen-dropout cannot apply", "drop one of the two flags"),
     "unsupported file": (lambda d, g: ["--train-file", str((d / "x.txt").write_text("hi") and d / "x.txt")],
                          "unsupported file type", ".parquet"),
+    # issue 19: these ended in a traceback, an empty folder, or a run that "finished" without training
+    "zero batch size": (lambda d, g: ["--train-file", g, "--batch-size", "0"], "--batch-size 0 is out of "
+                                                                               "range", ">= 1"),
+    "negative lr": (lambda d, g: ["--train-file", g, "--lr", "-1"], "--lr -1.0 is out of range", "> 0"),
+    "zero epochs": (lambda d, g: ["--train-file", g, "--epochs", "0"], "--epochs 0 is out of range", ">= 1"),
+    "resume from nowhere": (lambda d, g: ["--train-file", g, "--resume-from", str(d / "no" / "such")],
+                            "no complete checkpoint", "'auto'"),
+    "one class": (lambda d, g: ["--train-file", write(d / "one.parquet", text=["good", "fine", "nice", "great"] * 4,
+                                                      label=[1] * 16)],
+                  "are all one class, 1", "--allow-one-class"),
 }
 
 
@@ -104,3 +125,156 @@ def test_real_exit_status_from_the_command_line(tmp_path, minilm):
                   check=False)
     assert proc.returncode == 2
     assert "unknown freeze policy 'lastx'" in proc.stderr and "fix:" in proc.stderr
+
+
+def squash(text: str) -> str:
+    """Without whitespace: rich wraps long lines to the console width."""
+    return "".join(text.split())
+
+
+# ---------------------------------------------------------------- issue 19: every option's range, at parse time
+
+COMMANDS = {"train": (train_main, TrainConfig, []), "evaluate": (evaluate_main, EvalConfig, ["--model", "nowhere"]),
+            "predict": (predict_main, PredictConfig, ["--model", "nowhere"]),
+            "compare": (compare_main, CompareConfig, []),
+            "prepare_data": (prepare_main, PrepareConfig, [])}
+
+
+def numeric_options(cls: type):
+    """(field name, int or float, its Range) for every numeric field, nested configs (--data options) included."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from numeric_options(kind)
+            continue
+        base = next(t for t in getattr(kind, "__args__", (kind,)) if t is not type(None))
+        if base in (int, float):
+            yield f.name, base, f.metadata.get("range")
+
+
+def outside(kind: type, allowed) -> list:
+    """Values just outside the range at each end it has, and for a float NaN and infinity."""
+    values = []
+    if allowed.low is not None:
+        values.append(allowed.low if allowed.low_open else allowed.low - (1 if kind is int else 0.5))
+    if allowed.high is not None:
+        values.append(allowed.high if allowed.high_open else allowed.high + (1 if kind is int else 0.5))
+    return [kind(v) for v in values] + ([math.nan, math.inf] if kind is float else [])
+
+
+def test_every_numeric_option_has_a_range():
+    for command, (_, cls, _) in COMMANDS.items():
+        missing = [name for name, _, allowed in numeric_options(cls) if allowed is None]
+        assert not missing, f"{command}: numeric options without a range: {missing}"
+        assert all(outside(kind, allowed) for _, kind, allowed in numeric_options(cls))
+
+
+OUT_OF_RANGE = [(command, name, value) for command, (_, cls, _) in COMMANDS.items()
+                for name, kind, allowed in numeric_options(cls) if allowed is not None
+                for value in outside(kind, allowed)]
+
+
+@pytest.mark.parametrize("command, name, value", OUT_OF_RANGE,
+                         ids=[f"{c}--{n.replace('_', '-')}={v}" for c, n, v in OUT_OF_RANGE])
+def test_an_option_out_of_range_is_one_error_before_anything_runs(command, name, value, tmp_path, capsys):
+    main, cls, required = COMMANDS[command]
+    flag, out = "--" + name.replace("_", "-"), tmp_path / "out"
+    where = {"predict": ["--output", str(out / "p.csv")], "prepare_data": ["--cache-dir", str(out)]}.get(
+        command, ["--output-dir", str(out)])
+    # a model that does not exist: had anything been loaded before the check, the error would be another
+    argv = ["--model", str(tmp_path / "no-model"), *required[2:], *where, flag, str(value)]
+    code = run(main, cls, command, argv)
+    err = squash(capsys.readouterr().err)
+    assert code == 2, err
+    assert "error:" in err and "fix:" in err and "Traceback" not in err
+    assert squash(f"{flag} {value!r} is out of range") in err, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- issue 19: one-class data, failed starts, class names
+
+
+def test_one_class_training_labels_need_both_a_declared_label_space_and_the_override(tmp_path):
+    one = write(tmp_path / "one.parquet", text=["good", "fine", "nice", "great"] * 4, label=["pos"] * 16)
+    for refused in (DataConfig(train_file=one), DataConfig(train_file=one, allow_one_class=True),
+                    DataConfig(train_file=one, label_names=["neg", "pos"])):
+        with pytest.raises(ToolkitError, match="are all one class, 'pos'") as err:
+            build_splits(refused, log=lambda *a: None)
+        assert "--allow-one-class" in err.value.fix and "--label-names" in err.value.fix
+    cfg = DataConfig(train_file=one, label_names=["neg", "pos"], allow_one_class=True)
+    build_splits(cfg, log=lambda *a: None)
+    assert cfg.num_labels == 2 and cfg.label_names == ["neg", "pos"]
+    # scoring only (evaluate): the training rows just fix the split, one class is fine there
+    build_splits(DataConfig(train_file=one, label_names=["neg", "pos"]), log=lambda *a: None, training=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, minilm):
+    """Random 2-block BERTs with MiniLM's tokenizer, one per class count: these checks need no learning."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    folders = {}
+    for labels in (2, 4):
+        folders[labels] = str(tmp_path_factory.mktemp(f"tiny{labels}"))
+        torch.manual_seed(0)
+        BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=2, intermediate_size=64, num_labels=labels)
+                                      ).save_pretrained(folders[labels])
+        tokenizer.save_pretrained(folders[labels])
+    return folders
+
+
+@pytest.mark.parametrize("failure, code", [(ToolkitError("the tracker broke", "mend it"), 2),
+                                           (KeyboardInterrupt(), 130), (RuntimeError("a bug"), None)])
+def test_a_start_that_fails_before_the_first_step_leaves_the_disk_as_it_was(failure, code, tiny, good, tmp_path,
+                                                                            monkeypatch, capsys):
+    from toolkit.output import trackers as tracking
+
+    written = []
+
+    # late: the model is wrapped, config.json written
+    def failing(accelerator, run_log, trackers, out, *args, **kwargs):
+        written.append((out / "config.json").is_file())
+        raise failure
+
+    monkeypatch.setattr(tracking, "start", failing)
+    argv = ["--model", tiny[2], "--train-file", good, "--cpu", "--max-length", "32", "--max-steps", "2"]
+
+    def attempt(out):
+        if code is None:
+            with pytest.raises(RuntimeError, match="a bug"):
+                run(train_main, TrainConfig, "train", [*argv, "--output-dir", str(out)])
+        else:
+            assert run(train_main, TrainConfig, "train", [*argv, "--output-dir", str(out)]) == code
+        err = squash(capsys.readouterr().err)
+        assert written.pop() is True and "Traceback" not in err
+        assert {2: "thetrackerbroke", 130: "interrupted(Ctrl-C)", None: ""}[code] in err, err
+
+    attempt(tmp_path / "new" / "deeper" / "run")
+    assert not (tmp_path / "new").exists(), "every folder the run created goes"
+    old = tmp_path / "old"
+    old.mkdir()
+    for name, text in (("config.json", "{}"), ("metrics.json", "{}"), ("notes.txt", "mine")):
+        (old / name).write_text(text)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    attempt(old)
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+
+
+def test_per_class_metric_rows_show_the_class_names(tiny, tmp_path, capsys):
+    names = ["books", "music", "film", "games"]
+    four = write(tmp_path / "four.parquet", text=[f"a {n} review, number {i}" for i in range(8) for n in names],
+                 label=names * 8)
+    out = tmp_path / "run"
+    assert run(train_main, TrainConfig, "train", ["--model", tiny[4], "--train-file", four, "--output-dir", str(out),
+                                                  "--cpu", "--max-length", "32", "--max-steps", "1", "--quiet"]) == 0
+    shown = capsys.readouterr().out
+    assert run(evaluate_main, EvalConfig, "evaluate", ["--model", str(out), "--same-data", "--cpu",
+                                                       "--output-dir", str(tmp_path / "eval")]) == 0
+    scored = capsys.readouterr().out
+    for table in (shown, scored):
+        for name in names:
+            for metric in ("precision", "recall", "f1"):
+                assert f"{metric}[{name}]" in table, table

@@ -319,7 +319,8 @@ def test_policy_folders_are_safe_names_for_any_spelling():
     (["--resume-from", "runs/x/checkpoints/step-1"], "resumes each run from its own folder"),
     (["--seeds", "1,1"], "--seeds names 1 more than once"),
     (["--seeds", "1,a"], "is not a list of integers"),
-    (["--repeats", "0"], "--repeats 0 trains nothing"),
+    (["--repeats", "0"], "--repeats 0 is out of range"),
+    (["--seeds", "1,-2"], "--seeds -2 is out of range"),
     (["--seeds", "1,2", "--repeats", "2"], "--seeds and --repeats both choose"),
 ])
 def test_bad_compare_options_are_one_clear_error(extra, message, tmp_path, minilm, capsys):
@@ -337,3 +338,24 @@ def test_a_run_of_the_old_layout_is_refused_not_mixed_in(tmp_path, minilm, capsy
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "holds a single run from an older compare" in err and "fix:" in err
     assert sorted(p.name for p in (tmp_path / "o").rglob("*")) == ["metrics.json", "none"]
+
+
+def test_ctrl_c_stops_the_list_after_the_run_in_progress_has_checkpointed(tmp_path, minilm, monkeypatch, capsys):
+    """train.main returns 130 once a Ctrl-C'd run has saved its checkpoint (tests/test_reliability.py runs that
+    for real): compare then trains nothing more, reports what it has and exits 130; a rerun resumes."""
+    from toolkit import compare
+
+    started = []
+
+    def interrupted_run(cfg):
+        started.append(cfg.output_dir)
+        return 130
+
+    monkeypatch.setattr(compare, "train_main", interrupted_run)
+    out = tmp_path / "cmp"
+    code = run(compare_main, CompareConfig, "compare", ["--model", minilm, "--output-dir", str(out), "--cpu",
+                                                        "--policies", "none,head"])
+    assert code == 130 and started == [str(out / "none" / "seed-42")]
+    runs = {r["policy"]: r for r in report_of(out)["runs"]}
+    assert runs["none"]["status"] == "interrupted" and "Ctrl-C" in runs["none"]["error"]
+    assert runs["head"]["status"] == "not run"

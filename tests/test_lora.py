@@ -306,10 +306,10 @@ def test_lora_two_processes(tmp_path, tiny_dir, data_dir, eval_texts, backend):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--lora-r", "0"], "rank must be at least 1"),
-    (["--lora-r", "-4"], "rank must be at least 1"),
-    (["--lora-dropout", "1"], "outside [0, 1)"),
-    (["--lora-alpha", "0"], "must be positive"),
+    (["--lora-r", "0"], "--lora-r 0 is out of range: it must be an integer >= 1"),
+    (["--lora-r", "-4"], "--lora-r -4 is out of range"),
+    (["--lora-dropout", "1"], "--lora-dropout 1.0 is out of range: it must be a finite number in [0, 1)"),
+    (["--lora-alpha", "0"], "--lora-alpha 0.0 is out of range: it must be a finite number > 0"),
     (["--lora-targets", "query,qkv_proj"], "--lora-targets qkv_proj matches no module"),
     (["--lora-targets", "attention"], "not a Linear layer"),
     (["--cache-frozen"], "LoRA adapts the blocks"),

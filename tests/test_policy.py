@@ -68,8 +68,8 @@ def test_bad_spellings_are_one_clear_error(text, message):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--layer-lr-decay", "1.5"], "outside (0, 1]"),
-    (["--layer-lr-decay", "0"], "outside (0, 1]"),
+    (["--layer-lr-decay", "1.5"], "--layer-lr-decay 1.5 is out of range"),
+    (["--layer-lr-decay", "0"], "--layer-lr-decay 0.0 is out of range"),
     (["--unfreeze-every", "5"], "start policy that freezes something"),  # --freeze none (the default)
     (["--freeze", "last2", "--unfreeze-every", "5", "--unfreeze-to", "head"], "does not train more than the start"),
     (["--freeze", "head", "--unfreeze-to", "last2"], "without --unfreeze-every"),

@@ -94,8 +94,8 @@ BAD = {
     "unknown input type": (lambda t, d: ["--model", t, "--input", d / "x.docx"], "unsupported input type", ".csv"),
     "unknown output type": (lambda t, d: ["--model", t, "--input", d / "ok.txt", "--output", d / "o.xlsx"],
                             "unsupported output type", ".jsonl"),
-    "zero batch": (lambda t, d: ["--model", t, "--input", d / "ok.txt", "--batch-size", "0"], "--batch-size",
-                   "positive"),
+    "zero batch": (lambda t, d: ["--model", t, "--input", d / "ok.txt", "--batch-size", "0"],
+                   "--batch-size 0 is out of range", "--batch-size >= 1"),
 }
 
 

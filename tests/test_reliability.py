@@ -467,3 +467,73 @@ def test_evaluation_is_exact_for_every_world_size_and_eval_size(eval_matrix, row
     assert got["eval_loss"] == pytest.approx(eval_matrix[1][size]["eval_loss"], rel=1e-5)
     if size == max(eval_matrix_driver.SIZES):
         assert len(set(preds[:size])) == 2  # the model predicts both classes: a wrong order would show
+
+
+# ---------------------------------------------------------------- issue 19. Ctrl-C: a stop request, exit 130
+
+
+def test_ctrl_c_is_a_stop_request_and_a_second_one_quits_at_once(monkeypatch):
+    """os.kill runs this process's handler before it returns, so these checks are sequential."""
+    from toolkit.backends import preemption
+
+    now = [1000.0]
+    monkeypatch.setattr(preemption.time, "monotonic", lambda: now[0])
+    before = signal.getsignal(signal.SIGINT)
+    with preemption.StopRequest() as stop:
+        assert not stop.requested()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested() and stop.interrupted() and stop.reason() == "Ctrl-C"
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. a launcher's, after the Ctrl-C: still an interrupt
+        now[0] += preemption.SAME_CTRL_C_S / 2
+        os.kill(os.getpid(), signal.SIGINT)  # the same keypress, passed on by a launcher
+        assert stop.reason() == "Ctrl-C"
+        now[0] += preemption.SAME_CTRL_C_S
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before  # outside training, Ctrl-C interrupts at once again
+
+
+def _launcher(world: int) -> list[str]:
+    if world == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(world),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port())]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_ctrl_c_checkpoints_every_rank_at_one_step_exits_130_and_resumes_exactly(world, tiny_bert, data_dir, tmp_path):
+    """A real SIGINT to the process group a terminal signals (under accelerate launch: the launcher's, whose
+    agent passes it on), pressed by tests/sigint_driver.py during step 3, so it lands mid-training on any
+    machine. The resumed run must give the uninterrupted run's predictions."""
+    args = train_args(tiny_bert, data_dir, None, "--lr", "1e-3", "--epochs", "2", "--log-every", "100")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def train(script: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+        # a session of its own: the driver's Ctrl-C reaches this run's processes only
+        return subprocess.run([*_launcher(world), script, *extra, *args, "--output-dir", str(out)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600, start_new_session=True)
+
+    straight = train("launch/train.py", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "interrupted"
+    stopped = train("tests/sigint_driver.py", out, "3")
+    text = squash(stopped.stdout + stopped.stderr)
+    assert stopped.returncode == 130, (stopped.stdout + stopped.stderr)[-3000:]
+    assert "Traceback" not in text
+    checkpoints = ckpt.list_checkpoints(out)
+    assert len(checkpoints) == 1  # one save, by all ranks together: they stopped at the same step
+    state = ckpt.read_progress(checkpoints[0])["state"]
+    # the driver's own rank asks from step 4 on; under the launcher another rank may see the Ctrl-C first
+    assert state["global_step"] in ((4,) if world == 1 else (3, 4)) and state["world_size"] == world
+    assert text.count(squash(f"stop requested (Ctrl-C): checkpointing at step {state['global_step']}")) == 1
+    assert squash(f"interrupted: checkpoint saved at step {state['global_step']}; to continue, run the same command "
+                  f"with --output-dir {out} --resume-from auto") in text
+    assert not (out / "metrics.json").exists() and not (out / "model").exists()
+
+    resumed = train("launch/train.py", out, "--resume-from", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert squash(f"resumed from {checkpoints[0]}") in squash(resumed.stdout)
+    assert read_predictions(out / "predictions.csv") == read_predictions(tmp_path / "straight" / "predictions.csv")
+    a, b = read_json(tmp_path / "straight" / "metrics.json"), read_json(out / "metrics.json")
+    assert a["eval_loss"] == b["eval_loss"] and a["global_step"] == b["global_step"] == 24 // world

@@ -8,26 +8,35 @@ from typing import Callable
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 
 from .core import exit_codes
 from .core.config import parse_args
 from .core.errors import RunFailed, ToolkitError
+from .output.console import plain
 
 
 def run(main: Callable[[object], int], config_cls: type, description: str, argv: list[str] | None = None) -> int:
-    cfg = parse_args(config_cls, argv, description)
     try:
-        return main(cfg)
+        return main(parse_args(config_cls, argv, description))  # parsing checks every option's range
     except (ToolkitError, RunFailed) as err:
         # Input errors are deterministic, and a RunFailed is agreed by all ranks first: print it once.
-        if os.environ.get("RANK", "0") == "0":
-            console = Console(stderr=True, highlight=False)
-            # escape: OS and library messages carry brackets ("[Errno 28]", "[enforce fail ...]") that rich would eat
-            console.print(f"[bold red]error:[/bold red] {escape(err.problem)}", markup=True)
-            if err.fix:
-                console.print(f"[bold]fix:[/bold] {escape(err.fix)}")
+        _report(err.problem, err.fix)
         return err.exit_code if isinstance(err, RunFailed) else exit_codes.BAD_INPUT
+    except KeyboardInterrupt:
+        # Ctrl-C before training (while loading) or a second one during it: the first one in training is a
+        # stop request (preemption.StopRequest) and never gets here. A start's folder is already removed.
+        _report("interrupted (Ctrl-C): stopped at once, nothing saved since the last checkpoint",
+                "--resume-from auto (with the same --output-dir) continues from the last checkpoint, if there is one")
+        return exit_codes.INTERRUPTED
+
+
+def _report(problem: str, fix: str | None) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        console = Console(stderr=True, highlight=False)
+        # plain(): OS and library messages carry brackets ("[Errno 28]", "[enforce fail ...]") that rich would eat
+        console.print(f"[bold red]error:[/bold red] {plain(problem)}", markup=True)
+        if fix:
+            console.print(f"[bold]fix:[/bold] {plain(fix)}")
 
 
 def launch(main: Callable[[object], int], config_cls: type, description: str) -> None:

@@ -48,14 +48,15 @@ def plot(argv: list[str] | None = None) -> None:
     from rich.console import Console
 
     from .core.errors import ToolkitError
+    from .output.console import plain
     from .output.curves import main
 
     try:
         code = main(argv)
     except ToolkitError as err:
         console = Console(stderr=True, highlight=False)
-        console.print(f"[bold red]error:[/bold red] {err.problem}")
-        console.print(f"[bold]fix:[/bold] {err.fix}")
+        console.print(f"[bold red]error:[/bold red] {plain(err.problem)}")
+        console.print(f"[bold]fix:[/bold] {plain(err.fix)}")
         code = exit_codes.BAD_INPUT
     sys.exit(code)
 

@@ -26,12 +26,12 @@ from typing import Optional
 import torch
 from accelerate.utils import broadcast_object_list
 from rich.console import Console
-from rich.markup import escape
 
 from .backends.accelerator import setup
 from .core import exit_codes
-from .core.config import TrainConfig, option, save_json
+from .core.config import COUNT, NON_NEGATIVE, SEED, Range, TrainConfig, option, save_json
 from .core.errors import ToolkitError
+from .output.console import plain
 from .output.run_dir import shared_output_dir
 from .policy.policy import Policy
 from .report import markdown as report
@@ -55,11 +55,11 @@ class CompareConfig(TrainConfig):
                                             "the paired F1 change and speed-up")
     seeds: Optional[str] = option(None, "comma-separated training seeds, every policy trained once per seed "
                                       "(e.g. 42,43,44; default: --seed alone); the data rows stay those of --data-seed")
-    repeats: Optional[int] = option(None, "train every policy with K seeds: --seed, --seed+1, ..., --seed+K-1")
+    repeats: Optional[int] = option(None, "train every policy with K seeds: --seed, --seed+1, ..., --seed+K-1", COUNT)
     # replaced by --policies; given anyway -> a clear error
     freeze: Optional[str] = option(None, argparse.SUPPRESS)
-    layer_lr_decay: Optional[float] = option(None, argparse.SUPPRESS)
-    unfreeze_every: Optional[int] = option(None, argparse.SUPPRESS)
+    layer_lr_decay: Optional[float] = option(None, argparse.SUPPRESS, Range(0, 1, low_open=True))
+    unfreeze_every: Optional[int] = option(None, argparse.SUPPRESS, NON_NEGATIVE)
     unfreeze_to: Optional[str] = option(None, argparse.SUPPRESS)
 
     def resolve_output_dir(self) -> Path:
@@ -89,9 +89,7 @@ def parse_policies(text: str) -> list[Policy]:
 def parse_seeds(cfg: "CompareConfig") -> list[int]:
     if cfg.seeds is not None and cfg.repeats is not None:
         raise ToolkitError("--seeds and --repeats both choose the training seeds", "pass only one of them")
-    if cfg.repeats is not None:
-        if cfg.repeats < 1:
-            raise ToolkitError(f"--repeats {cfg.repeats} trains nothing", "pass --repeats 1 or more")
+    if cfg.repeats is not None:  # at least 1: its Range
         return [cfg.seed + k for k in range(cfg.repeats)]
     if cfg.seeds is None:
         return [cfg.seed]
@@ -101,6 +99,9 @@ def parse_seeds(cfg: "CompareConfig") -> list[int]:
         raise ToolkitError(f"--seeds {cfg.seeds!r} is not a list of integers", "pass e.g. --seeds 42,43,44") from None
     if not seeds:
         raise ToolkitError("--seeds is empty", "pass e.g. --seeds 42,43,44")
+    if bad := [s for s in seeds if not SEED.accepts(s)]:
+        raise ToolkitError(f"--seeds {', '.join(map(str, bad))} is out of range: a seed must be {SEED.describe()}",
+                           "pass e.g. --seeds 42,43,44")
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
         raise ToolkitError(f"--seeds names {', '.join(map(str, repeated))} more than once", "list each seed once")
@@ -196,6 +197,8 @@ def main(cfg: CompareConfig) -> int:
     if isinstance(decisions[0], ToolkitError):
         raise decisions[0]  # on every rank, so none is left waiting for the others
     console = Console(stderr=True, highlight=False) if accelerator.is_main_process else None
+    if accelerator.is_main_process:  # the report's folder: a run that fails to start removes only its own
+        out.mkdir(parents=True, exist_ok=True)
     hardware = summary.describe_hardware(accelerator.device.type, accelerator.num_processes)
 
     records = {key: {"policy": key[0], "seed": key[1], "run_dir": str(Path(cfg.output_dir).relative_to(out)),
@@ -206,21 +209,23 @@ def main(cfg: CompareConfig) -> int:
         if decisions[0][key] == "reuse":
             record["status"] = "reused"
             if console:
-                console.print(f"[green]{escape(name)}: finished run found in {run_cfg.output_dir}, reused[/green]")
+                console.print(f"[green]{plain(name)}: finished run found in {plain(run_cfg.output_dir)}, "
+                              f"reused[/green]")
             continue
         try:
             result = train_main(run_cfg)
         except Exception as exc:  # one run failing must not cost the others theirs
             record.update(status="failed", error=_describe(exc))
             if console:
-                console.print(f"[bold red]{escape(name)} failed:[/bold red] {escape(record['error'])}")
+                console.print(f"[bold red]{plain(name)} failed:[/bold red] {plain(record['error'])}")
                 if not isinstance(exc, ToolkitError):
                     traceback.print_exc()
             result = None
         _free_memory()
-        if result == exit_codes.PREEMPTED:
-            record.update(status="interrupted", error="stopped by a stop request; checkpoint saved")
-            code = exit_codes.PREEMPTED
+        if result in (exit_codes.PREEMPTED, exit_codes.INTERRUPTED):  # checkpointed; the rest wait for a rerun
+            record.update(status="interrupted", error="stopped by "
+                          + ("Ctrl-C" if result == exit_codes.INTERRUPTED else "a stop request") + "; checkpoint saved")
+            code = result
             break
         if result == 0:
             record["status"] = "trained"
@@ -243,8 +248,9 @@ def main(cfg: CompareConfig) -> int:
               flush=True)
         failed = [f"{r['policy']} (seed {r['seed']})" for r in ordered if r["status"] == "failed"]
         if failed:
-            console.print(f"[bold red]{len(failed)} of {len(ordered)} runs failed: "
-                          f"{escape(', '.join(failed))}[/bold red] (see report.md)")
+            console.print(f"[bold red]{len(failed)} of {len(ordered)} runs failed: {plain(', '.join(failed))}[/bold "
+                          f"red] "
+                          "(see report.md)")
     accelerator.wait_for_everyone()
     if code:
         return code

@@ -31,20 +31,17 @@ from .engine.load import Saved, load_saved
 from .engine.loop import validate
 from .engine.metrics import f1_average
 from .output import library_logs as logs
-from .output.console import RunLog
+from .output.console import RunLog, plain
 from .output.run_dir import shared_output_dir, write_predictions
 
 
 def eval_split(cfg: DataConfig, log=print) -> Dataset:
     """The eval rows exactly as training selects them; --eval-file alone needs no train file."""
     if cfg.eval_file and not cfg.train_file:
-        if cfg.eval_samples is not None and cfg.eval_samples < 1:
-            raise ToolkitError(f"--eval-samples must be at least 1, got {cfg.eval_samples}",
-                               "pass a positive --eval-samples")
         # build_splits would insist on a train file; this is its sampling of a custom eval file.
         eval_raw = load_data_file(Path(cfg.eval_file), cfg.file_encoding, cfg.cache_dir)
         return take_sample(clean(eval_raw, cfg, "eval", log), cfg.eval_samples, cfg.data_seed)
-    return build_splits(cfg, log)[1]
+    return build_splits(cfg, log, training=False)[1]
 
 
 def data_config(cfg: EvalConfig, saved: Saved) -> DataConfig:
@@ -71,7 +68,7 @@ def main(cfg: EvalConfig) -> int:
     accelerator = setup(cfg.cpu, cfg.mixed_precision, dist_timeout_s=cfg.dist_timeout, tf32=cfg.tf32)
     logs.configure(1, accelerator.is_main_process, accelerator.distributed_type == "DEEPSPEED")
     run_log = RunLog(accelerator.is_main_process)
-    run_log.print(f"scoring the {saved.kind} at {saved.path}")
+    run_log.print(f"scoring the {saved.kind} at {plain(saved.path)}")
     model, tokenizer = saved.model, saved.tokenizer
     with main_process_first(accelerator, cfg.data.data_timeout):  # rank 0 fills the datasets cache, the others read it
         eval_ds = eval_split(data, run_log.print)

@@ -21,10 +21,11 @@ import torch
 from rich.console import Console
 from transformers.utils import logging as hf_logging
 
-from .core.config import option
+from .core.config import COUNT, option
 from .core.errors import ToolkitError
 from .data.dataset import resolve_max_length
 from .engine.load import LAYOUTS, load_saved
+from .output.console import plain
 
 TABLE_FORMATS = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True),
                  ".json": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}
@@ -37,8 +38,9 @@ class PredictConfig:
     input: str = option("-", "texts: .txt (one per line), .csv, .jsonl, .parquet, or '-' for one per line on stdin")
     output: Optional[str] = option(None, "result file, .csv or .jsonl (default: JSON Lines on stdout)")
     text_column: str = option("text", "text column of a .csv / .jsonl / .parquet input")
-    batch_size: int = option(32, "texts per forward pass")
-    max_length: Optional[int] = option(None, "truncate to this many tokens (default: what the model was trained with)")
+    batch_size: int = option(32, "texts per forward pass", COUNT)
+    max_length: Optional[int] = option(None, "truncate to this many tokens (default: what the model was trained "
+                                             "with)", COUNT)
     cpu: bool = option(False, "run on CPU even if a GPU is visible")
 
 
@@ -75,7 +77,7 @@ def _nonblank(rows, path: Path | None = None) -> list[tuple[int, str]]:
                            else f"{where} is empty",
                            "give one text per line (.txt / stdin) or a text column (.csv / .jsonl / .parquet)")
     if len(kept) < len(rows):
-        Console(stderr=True).print(f"[yellow]skipped {len(rows) - len(kept)} blank text(s) in {where}[/yellow]")
+        Console(stderr=True).print(f"[yellow]skipped {len(rows) - len(kept)} blank text(s) in {plain(where)}[/yellow]")
     return kept
 
 
@@ -111,8 +113,6 @@ def write_results(rows: list[dict], output: str | None) -> None:
 
 
 def main(cfg: PredictConfig) -> int:
-    if cfg.batch_size < 1:
-        raise ToolkitError(f"--batch-size must be at least 1, got {cfg.batch_size}", "pass a positive --batch-size")
     if cfg.output and Path(cfg.output).suffix.lower() not in OUTPUT_FORMATS:
         raise ToolkitError(f"unsupported output type '{Path(cfg.output).suffix}' for {cfg.output}",
                            "name the --output file *.csv or *.jsonl")
@@ -129,5 +129,5 @@ def main(cfg: PredictConfig) -> int:
     write_results([{"index": i, "label": names[int(p)], "label_id": int(p), "probability": round(float(pr[p]), 6),
                     "text": text} for (i, text), p, pr in zip(rows, preds, probs)], cfg.output)
     if cfg.output:
-        Console(stderr=True).print(f"{len(rows)} predictions written to {cfg.output}")
+        Console(stderr=True).print(f"{len(rows)} predictions written to {plain(cfg.output)}")
     return 0

@@ -15,6 +15,7 @@ from rich.console import Console
 from .core.config import PrepareConfig
 from .data.dataset import build_splits, resolve_max_length, tokenize
 from .engine.model import load_tokenizer, max_positions
+from .output.console import plain
 
 
 def folder_bytes(path: Path) -> int:
@@ -30,9 +31,11 @@ def main(cfg: PrepareConfig) -> int:
     train_tok = tokenize(train_ds, tokenizer, max_length, cfg.data.num_proc)
     eval_tok = tokenize(eval_ds, tokenizer, max_length, cfg.data.num_proc)
     console.print(f"prepared {len(train_tok)} train / {len(eval_tok)} eval examples, max length {max_length}, "
-                  f"{cfg.data.num_labels} classes {cfg.data.label_names or ''} in {time.perf_counter() - start:.1f} s")
+                  f"{cfg.data.num_labels} classes {plain(cfg.data.label_names or '')} "
+                  f"in {time.perf_counter() - start:.1f} s")
     files = sorted({f["filename"] for ds in (train_tok, eval_tok) for f in ds.cache_files})
-    console.print("tokenized cache: " + ", ".join(files))
+    console.print("tokenized cache: " + plain(", ".join(files)))
     if cfg.data.cache_dir:
-        console.print(f"cache folder {cfg.data.cache_dir}: {folder_bytes(Path(cfg.data.cache_dir)) / 2**20:.1f} MiB")
+        console.print(f"cache folder {plain(cfg.data.cache_dir)}: {folder_bytes(Path(cfg.data.cache_dir)) / 2**20:.1f} "
+                      f"MiB")
     return 0

@@ -10,114 +10,167 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
+
+from .errors import ToolkitError
 
 DEFAULT_MODEL = "bert-base-cased"
 DEFAULT_DIST_TIMEOUT_S = 1800  # the main process group: any collective that waits longer is a hang
 DEFAULT_DATA_TIMEOUT_S = 6 * 3600  # rank 0 loading and tokenizing while the others wait
 
 
-def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
-    """A settings field: its default, its --help text and any argparse keywords (type, choices, required)."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option accepts. parse_args refuses any other value (exit 2) before
+    anything loads, so a bad count or rate never reaches torch as a ZeroDivisionError or a
+    half-created run folder. Non-finite values (nan, inf) are never accepted."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # `low` itself is excluded
+    high_open: bool = False
+
+    def accepts(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        # ints as ints: 4294967295, not 4.29497e+09
+        low, high = (f"{x:g}" if isinstance(x, float) else str(x) for x in (self.low, self.high))
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
 
 
-_opt = option  # the short spelling the fields below use
+COUNT = Range(1)  # batches, epochs, steps, intervals: at least one
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)  # rates, scales, timeouts
+FRACTION = Range(0, 1, high_open=True)  # dropout, warm-up share: 1 would leave nothing
+SEED = Range(0, 2**32 - 1)  # what numpy's and datasets' seeding accept
+
+
+def option(default: Any, help: str, range: Range | None = None, **argparse_kwargs: Any) -> Any:
+    """A settings field: its default, its --help text, for a number the Range it must lie in, and any
+    argparse keywords (type, choices, required)."""
+    return field(default=default, metadata={"help": help, "range": range, **argparse_kwargs})
+
 
 
 @dataclass
 class DataConfig:
-    task: str = _opt("imdb-subset", "preset: imdb, imdb-subset, amazon-subset, amazon (see docs/data.md)")
-    data_dir: Optional[str] = _opt(None, "local folder with the preset's files (e.g. ../shared/data) instead of the "
-                                         "Hub")
-    train_file: Optional[str] = _opt(None, "local train file (.parquet, .csv, .jsonl/.json); overrides the preset's "
-                                           "source")
-    eval_file: Optional[str] = _opt(None, "local eval file; without it, --train-file is split by --eval-fraction")
-    eval_fraction: float = _opt(0.2, "share of --train-file held out for evaluation when no --eval-file is given")
-    text_column: Optional[str] = _opt(None, "text column; 'title,content' joins several (default: the preset's)")
-    label_column: str = _opt("label", "label column: class names (e.g. positive/negative) or ids 0..N-1 (1.0 is fine)")
-    label_names: Optional[list] = _opt(None, "class names in id order, comma-separated (e.g. neg,pos so that pos = 1); "
-                                             "default: sorted names from the training labels, or the preset's",
-                                       type=lambda s: [n.strip() for n in s.split(",")])
-    num_labels: Optional[int] = _opt(None, "number of classes (default: inferred from the training labels; checked "
-                                           "when given)")
-    file_encoding: str = _opt("utf-8", "text encoding of CSV / JSON files (e.g. latin-1, cp1252, utf-16)")
-    train_samples: Optional[int] = _opt(None, "number of training examples (default: the preset's)")
-    eval_samples: Optional[int] = _opt(None, "number of evaluation examples (default: the preset's)")
-    max_length: Optional[int] = _opt(None, "truncate to this many tokens (default: the model's maximum)")
-    data_seed: int = _opt(42, "seed for subset sampling and splits (the seed recipe uses 42)")
-    data_timeout: float = _opt(DEFAULT_DATA_TIMEOUT_S,
-                               "seconds the other processes wait for rank 0 to load and tokenize the data "
-                               "(on a gloo group of its own, apart from --dist-timeout)")
-    num_proc: Optional[int] = _opt(None, "processes for tokenization (default: the CPU cores this process may use, "
-                                         "at most 8, and 1 below 20k rows)")
-    cache_dir: Optional[str] = _opt(None, "datasets cache folder (default: HF_DATASETS_CACHE); put it on a shared "
-                                          "filesystem and run launch/prepare_data.py once, so every job starts warm")
+    task: str = option("imdb-subset", "preset: imdb, imdb-subset, amazon-subset, amazon (see docs/data.md)")
+    data_dir: Optional[str] = option(None, "local folder with the preset's files (e.g. ../shared/data) instead of the "
+                                           "Hub")
+    train_file: Optional[str] = option(None, "local train file (.parquet, .csv, .jsonl/.json); overrides the preset's "
+                                             "source")
+    eval_file: Optional[str] = option(None, "local eval file; without it, --train-file is split by --eval-fraction")
+    eval_fraction: float = option(0.2, "share of --train-file held out for evaluation when no --eval-file is given",
+                                  Range(0, 1, low_open=True, high_open=True))
+    text_column: Optional[str] = option(None, "text column; 'title,content' joins several (default: the preset's)")
+    label_column: str = option("label", "label column: class names (e.g. positive/negative) or ids 0..N-1 (1.0 is "
+                                        "fine)")
+    label_names: Optional[list] = option(None, "class names in id order, comma-separated (e.g. neg,pos so that pos = "
+                                               "1); "
+                                               "default: sorted names from the training labels, or the preset's",
+                                         type=lambda s: [n.strip() for n in s.split(",")])
+    num_labels: Optional[int] = option(None, "number of classes (default: inferred from the training labels; checked "
+                                             "when given)",
+                                       Range(2))
+    allow_one_class: bool = option(False, "train although the training labels hold one class only (refused by default: "
+                                          "such a model can only say one thing); needs --num-labels or --label-names")
+    file_encoding: str = option("utf-8", "text encoding of CSV / JSON files (e.g. latin-1, cp1252, utf-16)")
+    train_samples: Optional[int] = option(None, "number of training examples (default: the preset's)", COUNT)
+    eval_samples: Optional[int] = option(None, "number of evaluation examples (default: the preset's)", COUNT)
+    max_length: Optional[int] = option(None, "truncate to this many tokens (default: the model's maximum)", COUNT)
+    data_seed: int = option(42, "seed for subset sampling and splits (the seed recipe uses 42)", SEED)
+    data_timeout: float = option(DEFAULT_DATA_TIMEOUT_S, "seconds the other processes wait for rank 0 to load and "
+                                                         "tokenize the data "
+                                           "(on a gloo group of its own, apart from --dist-timeout)", POSITIVE)
+    num_proc: Optional[int] = option(None, "processes for tokenization (default: the CPU cores this process may use, "
+                                           "at most 8, and 1 below 20k rows)", COUNT)
+    cache_dir: Optional[str] = option(None, "datasets cache folder (default: HF_DATASETS_CACHE); put it on a shared "
+                                            "filesystem and run launch/prepare_data.py once, so every job starts warm")
 
 
 @dataclass
 class TrainConfig:
-    model: str = _opt(DEFAULT_MODEL, "Hub name or local folder of a pretrained encoder")
-    freeze: str = _opt("none", "none | lastN (e.g. last2: last N blocks + pooler + classifier) | head (classifier "
-                               "only) | lora (LoRA adapters + pooler + classifier, see --lora-*)")
-    layer_lr_decay: float = _opt(1.0, "layer-wise lr decay F in (0, 1]: head and pooler get --lr, block i of L "
-                                      "lr*F^(L-i), embeddings lr*F^(L+1); 1 = off (with --freeze none or lastN)")
-    unfreeze_every: int = _opt(0, "gradual unfreezing: every N optimizer steps thaw the next block from the top (the "
-                                  "pooler with the first), starting from --freeze; 0 = off")
-    unfreeze_to: Optional[str] = _opt(None, "where gradual unfreezing stops: lastN or none (default none; needs "
-                                            "--unfreeze-every)")
-    lora_r: int = _opt(8, "--freeze lora: rank of the LoRA update matrices (>= 1)")
-    lora_alpha: float = _opt(16.0, "--freeze lora: LoRA scale alpha (the update is scaled by alpha / r)")
-    lora_dropout: float = _opt(0.1, "--freeze lora: dropout on the LoRA branch's input, in [0, 1)")
-    lora_targets: Optional[str] = _opt(None, "--freeze lora: comma-separated module-name suffixes to adapt, e.g. "
-                                             "attention.self.query,attention.output.dense (default: every block's "
-                                             "attention query and value projections, found by structure)")
-    lr: float = _opt(2e-5, "peak learning rate (AdamW)")
-    weight_decay: float = _opt(0.01, "AdamW weight decay (never applied to biases and LayerNorm)")
-    batch_size: int = _opt(16, "training batch size per device")
-    eval_batch_size: Optional[int] = _opt(None, "evaluation batch size per device (default: 2 x batch size)")
-    epochs: int = _opt(1, "training epochs")
-    max_steps: Optional[int] = _opt(None, "stop after this many optimizer steps (default: all epochs)")
-    grad_accum: int = _opt(1, "gradient accumulation steps")
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 disables)")
-    warmup_ratio: float = _opt(0.0, "share of steps with linear warm-up")
-    mixed_precision: Optional[str] = _opt(None, "no | fp16 | bf16 (default: the accelerate config, else chosen for the "
-                                                "device)")
-    seed: int = _opt(42, "seed for initialisation, dropout and data order")
-    cpu: bool = _opt(False, "run on CPU even if a GPU is visible (automatic when none is)")
-    tf32: bool = _opt(True, "fp32 matmuls on TF32 tensor cores on GPUs with compute capability >= 8.0 (--no-tf32: full "
-                            "fp32)")
-    dist_timeout: float = _opt(DEFAULT_DIST_TIMEOUT_S,
-                               "seconds a collective may wait for the other processes before the run fails "
-                               "(the process group's timeout; the data phase has --data-timeout)")
-    output_dir: Optional[str] = _opt(None, "run folder (default: runs/<task>-<freeze>-<time>)")
-    resume_from: Optional[str] = _opt(None, "checkpoint folder, or 'auto' for the newest one in --output-dir")
-    checkpoint_every: int = _opt(0, "also checkpoint every N optimizer steps (0: only at the end of each epoch)")
-    keep_checkpoints: int = _opt(2, "how many step checkpoints to keep")
-    log_every: int = _opt(10, "log training metrics every N optimizer steps")
-    max_skipped_steps: int = _opt(100, "fp16: stop (exit 3) after more than this many optimizer steps in a row skipped "
-                                       "by the loss scaler (a few are normal; a long run means inf/NaN gradients)")
-    stop_file: Optional[str] = _opt(None, "if this file appears, checkpoint at the next step and exit 75 (for requeue)")
-    num_workers: Optional[int] = _opt(None, "DataLoader worker processes (default: 0 on CPU; on a GPU up to 4 per "
-                                            "process)")
-    group_by_length: bool = _opt(True, "train on shuffled groups of similar-length rows (less padding, order still "
-                                       "random); --no-group-by-length: plain random batches")
-    frozen_dropout: bool = _opt(False, "--frozen-dropout: dropout in the frozen layers too, as the seeds' Trainer did; "
-                                       "default: the frozen part runs as in inference, without dropout (up to 2x "
-                                       "faster on CPU, same F1 within seed noise; see docs/performance.md)")
-    cache_frozen: bool = _opt(False, "head/lastN: compute the frozen part's outputs once (eval mode, no dropout) and "
-                                     "train the trainable part on them every epoch (see docs/performance.md)")
-    compile: bool = _opt(False, "torch.compile the model (opt-in: compile time is only repaid by long runs)")
-    report_to: str = _opt("none", "experiment trackers, comma-separated: tensorboard, wandb, mlflow, trackio (or none)")
-    run_name: Optional[str] = _opt(None, "the run's name in the trackers (default: the output folder's name)")
-    metrics: Optional[str] = _opt(None, "extra eval metrics from the `evaluate` library, e.g. matthews_correlation,f1 "
-                                        "(Hub names, cached ones, or paths to metric scripts); the default set is "
-                                        "scikit-learn's f1/accuracy/precision/recall")
-    quiet: bool = _opt(False, "print only the final metrics table (and errors)")
-    verbose: bool = _opt(False, "also show library logs and progress bars (datasets, transformers) and extra details")
+    model: str = option(DEFAULT_MODEL, "Hub name or local folder of a pretrained encoder")
+    freeze: str = option("none", "none | lastN (e.g. last2: last N blocks + pooler + classifier) | head (classifier "
+                                 "only) "
+                                 "| lora (LoRA adapters + pooler + classifier, see --lora-*)")
+    layer_lr_decay: float = option(1.0, "layer-wise lr decay F in (0, 1]: head and pooler get --lr, block i of L "
+                                        "lr*F^(L-i), "
+                                        "embeddings lr*F^(L+1); 1 = off (with --freeze none or lastN)",
+                                   Range(0, 1, low_open=True))
+    unfreeze_every: int = option(0, "gradual unfreezing: every N optimizer steps thaw the next block from the top (the "
+                                    "pooler with the first), starting from --freeze; 0 = off", NON_NEGATIVE)
+    unfreeze_to: Optional[str] = option(None, "where gradual unfreezing stops: lastN or none (default none; needs "
+                                              "--unfreeze-every)")
+    lora_r: int = option(8, "--freeze lora: rank of the LoRA update matrices (>= 1)", COUNT)
+    lora_alpha: float = option(16.0, "--freeze lora: LoRA scale alpha (the update is scaled by alpha / r)", POSITIVE)
+    lora_dropout: float = option(0.1, "--freeze lora: dropout on the LoRA branch's input, in [0, 1)", FRACTION)
+    lora_targets: Optional[str] = option(None, "--freeze lora: comma-separated module-name suffixes to adapt, e.g. "
+                                               "attention.self.query,attention.output.dense (default: every block's "
+                                               "attention query and value projections, found by structure)")
+    lr: float = option(2e-5, "peak learning rate (AdamW)", POSITIVE)
+    weight_decay: float = option(0.01, "AdamW weight decay (never applied to biases and LayerNorm)", NON_NEGATIVE)
+    batch_size: int = option(16, "training batch size per device", COUNT)
+    eval_batch_size: Optional[int] = option(None, "evaluation batch size per device (default: 2 x batch size)", COUNT)
+    epochs: int = option(1, "training epochs", COUNT)
+    max_steps: Optional[int] = option(None, "stop after this many optimizer steps (default: all epochs)", COUNT)
+    grad_accum: int = option(1, "gradient accumulation steps", COUNT)
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)", NON_NEGATIVE)
+    warmup_ratio: float = option(0.0, "share of steps with linear warm-up", FRACTION)
+    mixed_precision: Optional[str] = option(None, "no | fp16 | bf16 (default: the accelerate config, else chosen for "
+                                                  "the device)")
+    seed: int = option(42, "seed for initialisation, dropout and data order", SEED)
+    cpu: bool = option(False, "run on CPU even if a GPU is visible (automatic when none is)")
+    tf32: bool = option(True, "fp32 matmuls on TF32 tensor cores on GPUs with compute capability >= 8.0 (--no-tf32: "
+                              "full fp32)")
+    dist_timeout: float = option(DEFAULT_DIST_TIMEOUT_S, "seconds a collective may wait for the other processes before "
+                                                         "the run fails "
+                                       "(the process group's timeout; the data phase has --data-timeout)", POSITIVE)
+    output_dir: Optional[str] = option(None, "run folder (default: runs/<task>-<freeze>-<time>)")
+    resume_from: Optional[str] = option(None, "checkpoint folder, or 'auto' for the newest one in --output-dir")
+    checkpoint_every: int = option(0, "also checkpoint every N optimizer steps (0: only at the end of each epoch)",
+                                   NON_NEGATIVE)
+    keep_checkpoints: int = option(2, "how many step checkpoints to keep (0: keep them all)", NON_NEGATIVE)
+    log_every: int = option(10, "log training metrics every N optimizer steps", COUNT)
+    max_skipped_steps: int = option(100, "fp16: stop (exit 3) after more than this many optimizer steps in a row "
+                                         "skipped "
+                                         "by the loss scaler (a few are normal; a long run means inf/NaN gradients)",
+                                    NON_NEGATIVE)
+    stop_file: Optional[str] = option(None, "if this file appears, checkpoint at the next step and exit 75 (for "
+                                            "requeue)")
+    num_workers: Optional[int] = option(None, "DataLoader worker processes (default: 0 on CPU; on a GPU up to 4 per "
+                                              "process)",
+                                        NON_NEGATIVE)
+    group_by_length: bool = option(True, "train on shuffled groups of similar-length rows (less padding, order still "
+                                         "random); "
+                                         "--no-group-by-length: plain random batches")
+    frozen_dropout: bool = option(False, "--frozen-dropout: dropout in the frozen layers too, as the seeds' Trainer "
+                                         "did; "
+                                         "default: the frozen part runs as in inference, without dropout (up to 2x "
+                                         "faster on CPU, same F1 within seed noise; see docs/performance.md)")
+    cache_frozen: bool = option(False, "head/lastN: compute the frozen part's outputs once (eval mode, no dropout) and "
+                                       "train the trainable part on them every epoch (see docs/performance.md)")
+    compile: bool = option(False, "torch.compile the model (opt-in: compile time is only repaid by long runs)")
+    report_to: str = option("none", "experiment trackers, comma-separated: tensorboard, wandb, mlflow, trackio (or "
+                                    "none)")
+    run_name: Optional[str] = option(None, "the run's name in the trackers (default: the output folder's name)")
+    metrics: Optional[str] = option(None, "extra eval metrics from the `evaluate` library, e.g. "
+                                          "matthews_correlation,f1 "
+                                          "(Hub names, cached ones, or paths to metric scripts); the default set is "
+                                          "scikit-learn's f1/accuracy/precision/recall")
+    quiet: bool = option(False, "print only the final metrics table (and errors)")
+    verbose: bool = option(False, "also show library logs and progress bars (datasets, transformers) and extra details")
     data: DataConfig = field(default_factory=DataConfig)
 
     def resolve_output_dir(self) -> Path:
@@ -132,21 +185,23 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    model: str = _opt(None, "what to score: a run folder, its model/ folder, or a checkpoints/step-N folder",
-                      required=True)
-    same_data: bool = _opt(False, "score on the run's own eval set (its data options; --data-dir still relocates the "
-                                  "files)")
-    eval_batch_size: Optional[int] = _opt(None, "evaluation batch size per device (default: the run's, else 32)")
-    mixed_precision: Optional[str] = _opt(None, "no | fp16 | bf16")
-    cpu: bool = _opt(False, "run on CPU even if a GPU is visible")
-    tf32: bool = _opt(True, "fp32 matmuls on TF32 tensor cores on GPUs with compute capability >= 8.0 (--no-tf32: full "
-                            "fp32)")
-    dist_timeout: float = _opt(DEFAULT_DIST_TIMEOUT_S,
-                               "seconds a collective may wait for the other processes (process-group timeout)")
-    seed: int = _opt(42, "seed")
-    output_dir: Optional[str] = _opt(None, "where metrics.json and predictions.csv go (default: "
-                                           "runs/eval-<task>-<time>)")
-    metrics: Optional[str] = _opt(None, "extra metrics from the `evaluate` library (see train --help)")
+    model: str = option(None, "what to score: a run folder, its model/ folder, or a checkpoints/step-N "
+                              "folder", required=True)
+    same_data: bool = option(False, "score on the run's own eval set (its data options; --data-dir still relocates the "
+                                    "files)")
+    eval_batch_size: Optional[int] = option(None, "evaluation batch size per device (default: the run's, else "
+                                                  "32)", COUNT)
+    mixed_precision: Optional[str] = option(None, "no | fp16 | bf16")
+    cpu: bool = option(False, "run on CPU even if a GPU is visible")
+    tf32: bool = option(True, "fp32 matmuls on TF32 tensor cores on GPUs with compute capability >= 8.0 (--no-tf32: "
+                              "full fp32)")
+    dist_timeout: float = option(DEFAULT_DIST_TIMEOUT_S, "seconds a collective may wait for the other processes "
+                                                         "(process-group timeout)",
+                                  POSITIVE)
+    seed: int = option(42, "seed", SEED)
+    output_dir: Optional[str] = option(None, "where metrics.json and predictions.csv go (default: "
+                                             "runs/eval-<task>-<time>)")
+    metrics: Optional[str] = option(None, "extra metrics from the `evaluate` library (see train --help)")
     data: DataConfig = field(default_factory=DataConfig)
 
     def resolve_output_dir(self) -> Path:
@@ -160,7 +215,7 @@ class EvalConfig:
 
 @dataclass
 class PrepareConfig:
-    model: str = _opt(DEFAULT_MODEL, "the model the training run will use (only its tokenizer and config are read)")
+    model: str = option(DEFAULT_MODEL, "the model the training run will use (only its tokenizer and config are read)")
     data: DataConfig = field(default_factory=DataConfig)
 
 
@@ -170,13 +225,15 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
         if dataclasses.is_dataclass(hints[f.name]):
             _add_fields(parser.add_argument_group(f.name), hints[f.name])
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = _flag(f.name)
         kind = hints[f.name]
-        extra = {k: v for k, v in f.metadata.items() if k != "help"}
+        extra = {k: v for k, v in f.metadata.items() if k not in ("help", "range")}
         if kind is bool:  # --flag / --no-flag, so scripts can state either side whatever the default
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
             continue
         base = next((t for t in getattr(kind, "__args__", (kind,)) if t is not type(None)), str)
+        if base in (int, float) and f.metadata.get("range") is None:  # caught when any command builds its parser
+            raise TypeError(f"{cls.__name__}.{f.name} is a number without a range: give its option() a Range")
         default = None if extra.get("required") else f.default
         extra.setdefault("type", base)  # a field may bring its own parser (e.g. a comma-separated list)
         parser.add_argument(flag, default=default, help=f.metadata["help"], **extra)
@@ -193,10 +250,33 @@ def _build(cls: type, values: dict) -> Any:
     return cls(**kwargs)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_ranges(cfg: Any) -> None:
+    """Every numeric option inside its Range, or a ToolkitError naming the option, the value and the range."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value)
+            continue
+        allowed = f.metadata.get("range")
+        if allowed is None or value is None or isinstance(value, bool) or allowed.accepts(value):
+            continue
+        kind = "an integer" if isinstance(value, int) else "a finite number"
+        default = "or leave it out for the default" if f.default is None else f"the default is {f.default!r}"
+        raise ToolkitError(f"{_flag(f.name)} {value!r} is out of range: it must be {kind} {allowed.describe()}",
+                           f"pass {_flag(f.name)} {allowed.describe()} ({default})")
+
+
 def parse_args(cls: type, argv: list[str] | None = None, description: str | None = None) -> Any:
+    """The config from the command line; raises ToolkitError for a value outside its option's Range."""
     parser = argparse.ArgumentParser(description=description)
     _add_fields(parser, cls)
-    return _build(cls, vars(parser.parse_args(argv)))
+    cfg = _build(cls, vars(parser.parse_args(argv)))
+    check_ranges(cfg)
+    return cfg
 
 
 def save_json(path: Path, obj: Any) -> None:

@@ -217,17 +217,19 @@ def _nulls(col: pa.ChunkedArray, what: str, name: str, column: str) -> None:
             "fill in or remove those rows")
 
 
-def resolve_labels(ds: Dataset, cfg: DataConfig, name: str = "train") -> None:
+def resolve_labels(ds: Dataset, cfg: DataConfig, name: str = "train", training: bool = True) -> None:
     """Fix the label space from the training rows: cfg.num_labels and cfg.label_names are filled in.
 
     String labels become ids by sorted name, or by --label-names' order; integer labels (and integral
     floats, as pandas writes a column with a gap) stay ids, with --num-labels inferred as max + 1.
     Saved with the run (config.json, the model's id2label), so evaluation maps the same way.
+    Training rows of one class only are refused (see _one_class).
     """
     _check_columns(ds, cfg, name)
     col = arrow_column(ds, cfg.label_column)
     _nulls(col, "label", name, cfg.label_column)
     given = list(cfg.label_names) if cfg.label_names else None
+    declared = cfg.num_labels is not None or given is not None
     if given is not None and len(set(given)) != len(given):
         raise ToolkitError(f"--label-names repeats a name: {given}", "name every class once")
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
@@ -243,6 +245,8 @@ def resolve_labels(ds: Dataset, cfg: DataConfig, name: str = "train") -> None:
             raise ToolkitError(f"--num-labels {cfg.num_labels} but the labels name {len(names)} classes: {names[:10]}",
                                f"pass --num-labels {len(names)}, or leave it out (it is inferred)")
         cfg.num_labels, cfg.label_names = len(names), names
+        if training:
+            _one_class(found, cfg, name, declared)
         return
     ids = _integer_labels(col, name, cfg.label_column)
     top = int(pc.max(ids).as_py())
@@ -256,6 +260,25 @@ def resolve_labels(ds: Dataset, cfg: DataConfig, name: str = "train") -> None:
         preset_names = get_preset(cfg.task).label_names
         given = list(preset_names) if len(preset_names) == cfg.num_labels else None
     cfg.label_names = given
+    if training:
+        _one_class(pc.unique(ids).to_pylist(), cfg, name, declared)
+
+
+def _one_class(found: list, cfg: DataConfig, name: str, declared: bool) -> None:
+    """A model trained on one class can only ever say that class, and its eval metrics read perfect
+    (F1 1.0 on eval rows of that class): refused unless the user says, twice, that this is meant."""
+    if len(found) > 1:
+        return
+    if cfg.allow_one_class and declared and cfg.num_labels >= 2:
+        return
+    only = found[0]
+    shown = f"'{only}'" if isinstance(only, str) else (
+        f"{only} ({cfg.label_names[only]})" if cfg.label_names and 0 <= only < len(cfg.label_names) else str(only))
+    raise ToolkitError(
+        f"{name} labels in column '{cfg.label_column}' are all one class, {shown}: a model trained on them can only "
+        "predict that class",
+        "check --label-column and the file (or --train-samples, if a small sample took one class); to train on it "
+        "anyway, e.g. as a first stage, pass --allow-one-class together with --num-labels N or --label-names")
 
 
 def _integer_labels(col: pa.ChunkedArray, name: str, column: str) -> pa.ChunkedArray:
@@ -373,10 +396,11 @@ def take_sample(ds: Dataset, n: int | None, seed: int) -> Dataset:
     return ds.shuffle(seed=seed).select(range(n)).flatten_indices()
 
 
-def build_splits(cfg: DataConfig, log=print) -> tuple[Dataset, Dataset]:
+def build_splits(cfg: DataConfig, log=print, training: bool = True) -> tuple[Dataset, Dataset]:
     """Train and eval datasets with columns `text`, `labels`, per the preset and overrides.
 
-    Also resolves the label space into cfg (num_labels, label_names) from the training rows.
+    Also resolves the label space into cfg (num_labels, label_names) from the training rows;
+    `training=False` (scoring only) accepts training rows of one class.
     """
     preset = get_preset(cfg.task)
     custom = cfg.train_file is not None
@@ -386,7 +410,7 @@ def build_splits(cfg: DataConfig, log=print) -> tuple[Dataset, Dataset]:
         if n is not None and n < 1:
             raise ToolkitError(f"{flag} must be at least 1, got {n}", f"pass a positive {flag}")
     train_raw, eval_raw = load_raw(cfg)
-    resolve_labels(train_raw, cfg)
+    resolve_labels(train_raw, cfg, training=training)
 
     if eval_raw is None:
         pool = clean(train_raw, cfg, "train", log)

@@ -26,12 +26,25 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from ..core import exit_codes
 from ..core.errors import RunFailed, ToolkitError
+from ..output.console import plain
 
 PROGRESS = "progress.json"
 
 
 def checkpoint_root(output_dir: Path) -> Path:
     return output_dir / "checkpoints"
+
+
+def saver(accelerator: Accelerator, out: Path, cfg, policy, model) -> Callable:
+    """fit()'s checkpoint callback: the loop's state, the run's options and the policy with its current stage
+    (`model` unwrapped), so a resume can check that it continues the same run."""
+
+    def save(state):
+        record = {**policy.record(), "stage": policy.stage(model, state.global_step).spec}
+        return save_checkpoint(accelerator, out, {"state": state.to_dict(), "config": cfg.to_dict(), "policy": record},
+                               cfg.keep_checkpoints)
+
+    return save
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: dict, keep: int) -> Path:
@@ -140,7 +153,7 @@ def resolve_resume(resume_from: str | None, output_dir: Path, log: Callable[[str
             problem = verify_checkpoint(candidate)
             if problem is None:
                 return candidate
-            log(f"[yellow]skipping checkpoint {candidate}: {problem}[/yellow]")
+            log(f"[yellow]skipping checkpoint {plain(candidate)}: {plain(problem)}[/yellow]")
         return None
     path = Path(resume_from)
     if not (path / PROGRESS).is_file():
@@ -202,7 +215,7 @@ def load_resume_state(accelerator: Accelerator, resume: Path, log: Callable[[str
                            f"this run has {accelerator.num_processes}", "resume with the same number of processes")
     accelerator.load_state(str(resume))
     state = progress["state"]
-    log(f"[green]resumed from {resume}: epoch {state['epoch']}, step {state['global_step']}, "
+    log(f"[green]resumed from {plain(resume)}: epoch {state['epoch']}, step {state['global_step']}, "
         f"{state['batches_done']} batches into the epoch[/green]")
     return state
 

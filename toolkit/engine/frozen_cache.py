@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..backends.distributed import gather_objects
 from ..core.errors import ToolkitError
 from ..data.dataset import EpochBatchSampler, make_loader
+from ..output.console import plain
 from ..policy.blocks import find_blocks
 from ..policy.policy import Policy
 
@@ -228,7 +229,7 @@ class FrozenCache:
         model.train(was_training)
         cache.nbytes = sum(t.numel() * t.element_size() for t in cache.train.feats + cache.eval.feats)
         cache._patch(frozen_blocks)
-        log(f"cache-frozen ({policy}): {len(train_ds)} + {len(eval_ds)} examples through the frozen part in "
+        log(f"cache-frozen ({plain(policy)}): {len(train_ds)} + {len(eval_ds)} examples through the frozen part in "
             f"{cache.train_seconds:.1f} + {cache.eval_seconds:.1f} s, {cache.nbytes / 2**20:.1f} MiB per process")
         return cache
 

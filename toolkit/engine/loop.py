@@ -16,7 +16,7 @@ from ..backends.preemption import StopRequest
 from ..core import exit_codes
 from ..core.errors import RunFailed
 from ..core.test_delays import STEP_DELAY_ENV, seconds
-from ..output.console import RunLog
+from ..output.console import RunLog, plain
 from .extra_metrics import compute as compute_extra_metrics
 from .flops import CurrentFlops, FlopModel, batch_stats
 from .metrics import classification_metrics
@@ -136,7 +136,7 @@ class GradualThaw:
     def __call__(self, steps_done: int) -> None:  # after every optimizer step: the next step trains the new stage
         if (stage := self.policy.set_stage(self.model, steps_done)) is not None:
             self.flop_model.model = FlopModel.from_model(self.model, stage)
-            self.run_log.print(f"step {steps_done}: unfrozen to {stage.spec}")
+            self.run_log.print(f"step {steps_done}: unfrozen to {plain(stage.spec)}")
             self.run_log.record({"step": steps_done, "unfrozen_to": stage.spec})
 
 
@@ -147,20 +147,21 @@ def _seed_for_step(seed: int, step: int, rank: int) -> None:
 
 
 def _step_totals(accelerator: Accelerator, stop_flag: bool, skipped: bool, step_loss: torch.Tensor,
-                 pending: torch.Tensor) -> tuple[bool, bool, bool, list[int]]:
+                 pending: torch.Tensor, interrupt_flag: bool = False) -> tuple[bool, bool, bool, bool, list[int]]:
     """The one all-reduce (and the one host sync) per optimizer step.
 
-    Summed over ranks: does any rank want to stop, did any rank see a non-finite loss, was the
-    optimizer step skipped (fp16 loss scaler), and the throughput counters. Every rank gets the
+    Summed over ranks: does any rank want to stop, was any stop a Ctrl-C, did any rank see a non-finite
+    loss, was the optimizer step skipped (fp16 loss scaler), and the throughput counters. Every rank gets the
     same answers, so every rank stops (or not) at the same step without a second collective.
     The flags are built on the device (`full`, not `torch.tensor(...)`, which would copy from
     pageable host memory and block on CUDA); `.tolist()` is the single read of the step.
     """
     flags = torch.stack([torch.full((), int(stop_flag), dtype=torch.long, device=pending.device),
+                         torch.full((), int(interrupt_flag), dtype=torch.long, device=pending.device),
                          (~torch.isfinite(step_loss)).long(),
                          torch.full((), int(skipped), dtype=torch.long, device=pending.device)])
     totals = accelerator.reduce(torch.cat([flags, pending]), reduction="sum").tolist()
-    return totals[0] > 0, totals[1] > 0, totals[2] > 0, totals[3:]
+    return totals[0] > 0, totals[1] > 0, totals[2] > 0, totals[3] > 0, totals[4:]
 
 
 @dataclass
@@ -206,7 +207,8 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
         checkpoint_every: int, run_log: RunLog, stop: StopRequest, evaluate, checkpoint,
         flop_model: FlopModel | None = None, peak_flops: float | None = None, max_skipped_steps: int = 100,
         on_step=None) -> str:
-    """Train until the epochs or max_steps are done ("done") or a stop is requested ("preempted").
+    """Train until the epochs or max_steps are done ("done") or a stop is requested: "interrupted" when
+    a rank got a Ctrl-C, else "preempted". Either way every rank stops after the same step, checkpointed.
 
     `evaluate(epoch)` runs after every epoch; `checkpoint(state)` saves a resumable
     checkpoint. `sampler` is the EpochBatchSampler behind `train_loader`. Throughput
@@ -270,8 +272,8 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
                 state.global_step += 1
                 if step_delay_s:
                     time.sleep(step_delay_s)  # tests: a signal sent after step k lands before the epoch ends
-                stop_now, non_finite, skipped, (tokens, padded, len_sq, seqs) = _step_totals(
-                    accelerator, stop.requested(), skipped, step_loss, pending)
+                stop_now, interrupted, non_finite, skipped, (tokens, padded, len_sq, seqs) = _step_totals(
+                    accelerator, stop.requested(), skipped, step_loss, pending, stop.interrupted())
                 if (problem := guard.check(non_finite, skipped)) is not None:
                     run_log.record({"step": state.global_step, "error": problem, "lr": lr})
                     raise diverged(problem, state.global_step, lr, str(accelerator.mixed_precision))
@@ -307,10 +309,10 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
                     window_tokens, window_padded, window_flops = 0, 0, 0.0
                 if stop_now:
                     bank_time()
-                    run_log.print(f"[yellow]stop requested ({stop.reason()}): checkpointing at step "
+                    run_log.print(f"[yellow]stop requested ({plain(stop.reason())}): checkpointing at step "
                                   f"{state.global_step}[/yellow]")
                     checkpoint(state)
-                    return "preempted"
+                    return "interrupted" if interrupted else "preempted"
                 if checkpoint_every and state.global_step % checkpoint_every == 0:
                     bank_time()
                     paused = time.perf_counter()

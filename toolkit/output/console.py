@@ -9,8 +9,15 @@ from pathlib import Path
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+
+def plain(text: object) -> str:
+    """Text the user controls (class names, paths, column names, policy spellings, error messages), made safe
+    to put in a rich string or table: rich reads `[...]` as markup and drops it (`f1[books]` showed as `f1`)."""
+    return escape(str(text))
 
 
 class RunLog:
@@ -28,6 +35,11 @@ class RunLog:
 
     def print(self, *objects) -> None:
         if self.is_main and self.verbosity >= 1:
+            self.console.print(*objects)
+
+    def notice(self, *objects) -> None:
+        """Shown even with --quiet: what the user must know to go on (how to resume an interrupted run)."""
+        if self.is_main:
             self.console.print(*objects)
 
     def detail(self, *objects) -> None:
@@ -57,14 +69,14 @@ class RunLog:
 
     def freeze_table(self, summary) -> None:
         """The per-group trainable table of a policy.blocks.FreezeSummary."""
-        table = Table(title=f"freeze policy: {summary.policy}")
+        table = Table(title=f"freeze policy: {plain(summary.policy)}")
         table.add_column("parameter group")
         table.add_column("trainable", justify="right")
         table.add_column("total", justify="right")
         table.add_column("share", justify="right")
         for name, trainable, total in summary.groups:
             style = "green" if trainable else "dim"
-            table.add_row(name, f"{trainable:,}", f"{total:,}", f"{trainable / total:.0%}" if total else "-",
+            table.add_row(plain(name), f"{trainable:,}", f"{total:,}", f"{trainable / total:.0%}" if total else "-",
                           style=style)
         table.add_row("all", f"{summary.trainable:,}", f"{summary.total:,}", f"{summary.share:.2%}", style="bold")
         self.print(table)
@@ -75,12 +87,12 @@ class RunLog:
             return
         # The title goes on its own unwrapped line: as a table title, a long one (a run folder path)
         # would wrap over the narrow table.
-        self.console.print(f"[bold]{title}[/bold]", soft_wrap=True)
+        self.console.print(f"[bold]{plain(title)}[/bold]", soft_wrap=True)
         table = Table()
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for key, value in metrics.items():
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        for key, value in metrics.items():  # per-class keys carry the class name: f1[books]
+            table.add_row(plain(key), f"{value:.4f}" if isinstance(value, float) else plain(value))
         self.console.print(table)
 
     @contextmanager

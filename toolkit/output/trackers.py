@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from ..core.errors import ToolkitError
+from .console import plain
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 PROJECT = "bert-finetune-toolkit"  # W&B / trackio project, MLflow experiment (their env variables override it)
@@ -128,7 +129,7 @@ def start(accelerator, run_log, names: list[str], out: Path, run_name: str, conf
     ids_path.write_text(json.dumps(ids, indent=2) + "\n")
     run_log.trackers = accelerator
     what = ", ".join(names) + (f" (resumed at step {resume_step})" if resume_step is not None else "")
-    run_log.print(f"trackers: {what}; run name {run_name}; ids in {ids_path}")
+    run_log.print(f"trackers: {plain(what)}; run name {plain(run_name)}; ids in {plain(ids_path)}")
 
 
 def _mlflow_uri() -> str:
