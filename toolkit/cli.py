@@ -20,17 +20,18 @@ def run(main: Callable[[object], int], config_cls: type, description: str, argv:
         return main(parse_args(config_cls, argv, description))  # parsing checks every option's range
     except (ToolkitError, RunFailed) as err:
         # Input errors are deterministic, and a RunFailed is agreed by all ranks first: print it once.
-        _report(err.problem, err.fix)
+        report_error(err.problem, err.fix)
         return err.exit_code if isinstance(err, RunFailed) else exit_codes.BAD_INPUT
     except KeyboardInterrupt:
         # Ctrl-C before training (while loading) or a second one during it: the first one in training is a
         # stop request (preemption.StopRequest) and never gets here. A start's folder is already removed.
-        _report("interrupted (Ctrl-C): stopped at once, nothing saved since the last checkpoint",
+        report_error("interrupted (Ctrl-C): stopped at once, nothing saved since the last checkpoint",
                 "--resume-from auto (with the same --output-dir) continues from the last checkpoint, if there is one")
         return exit_codes.INTERRUPTED
 
 
-def _report(problem: str, fix: str | None) -> None:
+def report_error(problem: str, fix: str | None) -> None:
+    """The one error: / fix: pair a command prints for a ToolkitError (rank 0 only)."""
     if os.environ.get("RANK", "0") == "0":
         console = Console(stderr=True, highlight=False)
         # plain(): OS and library messages carry brackets ("[Errno 28]", "[enforce fail ...]") that rich would eat

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from .cli import launch
+from .cli import launch, report_error
 from .core import exit_codes
 
 
@@ -45,18 +45,13 @@ def compare() -> None:
 
 
 def plot(argv: list[str] | None = None) -> None:
-    from rich.console import Console
-
     from .core.errors import ToolkitError
-    from .output.console import plain
     from .output.curves import main
 
     try:
         code = main(argv)
     except ToolkitError as err:
-        console = Console(stderr=True, highlight=False)
-        console.print(f"[bold red]error:[/bold red] {plain(err.problem)}")
-        console.print(f"[bold]fix:[/bold] {plain(err.fix)}")
+        report_error(err.problem, err.fix)
         code = exit_codes.BAD_INPUT
     sys.exit(code)
 

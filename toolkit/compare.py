@@ -49,12 +49,11 @@ LORA_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.nam
 @dataclass
 class CompareConfig(TrainConfig):
     policies: str = option("none,last2,head", "comma-separated policies to train one after another: none, head, lastN, "
-                                            "lora (with the --lora-* settings), +llrdF for layer-wise lr decay "
-                                            "(last2+llrd0.9), START>TARGET@N for gradual unfreezing every N steps "
-                                            "(head>none@50); 'none' (else the first one listed) is the baseline for "
-                                            "the paired F1 change and speed-up")
-    seeds: Optional[str] = option(None, "comma-separated training seeds, every policy trained once per seed "
-                                      "(e.g. 42,43,44; default: --seed alone); the data rows stay those of --data-seed")
+                           "lora (with the --lora-* settings), +llrdF for layer-wise lr decay (last2+llrd0.9), "
+                           "START>TARGET@N for gradual unfreezing every N steps (head>none@50); 'none' (else the first "
+                           "one listed) is the baseline for the paired F1 change and speed-up")
+    seeds: Optional[str] = option(None, "comma-separated training seeds, every policy trained once per seed (e.g. "
+                                  "42,43,44; default: --seed alone); the data rows stay those of --data-seed")
     repeats: Optional[int] = option(None, "train every policy with K seeds: --seed, --seed+1, ..., --seed+K-1", COUNT)
     # replaced by --policies; given anyway -> a clear error
     freeze: Optional[str] = option(None, argparse.SUPPRESS)

@@ -39,8 +39,8 @@ class PredictConfig:
     output: Optional[str] = option(None, "result file, .csv or .jsonl (default: JSON Lines on stdout)")
     text_column: str = option("text", "text column of a .csv / .jsonl / .parquet input")
     batch_size: int = option(32, "texts per forward pass", COUNT)
-    max_length: Optional[int] = option(None, "truncate to this many tokens (default: what the model was trained "
-                                             "with)", COUNT)
+    max_length: Optional[int] = option(None, "truncate to this many tokens (default: what the model was trained with)",
+                                       COUNT)
     cpu: bool = option(False, "run on CPU even if a GPU is visible")
 
 

@@ -67,58 +67,53 @@ def option(default: Any, help: str, range: Range | None = None, **argparse_kwarg
 class DataConfig:
     task: str = option("imdb-subset", "preset: imdb, imdb-subset, amazon-subset, amazon (see docs/data.md)")
     data_dir: Optional[str] = option(None, "local folder with the preset's files (e.g. ../shared/data) instead of the "
-                                           "Hub")
+                                     "Hub")
     train_file: Optional[str] = option(None, "local train file (.parquet, .csv, .jsonl/.json); overrides the preset's "
-                                             "source")
+                                       "source")
     eval_file: Optional[str] = option(None, "local eval file; without it, --train-file is split by --eval-fraction")
     eval_fraction: float = option(0.2, "share of --train-file held out for evaluation when no --eval-file is given",
                                   Range(0, 1, low_open=True, high_open=True))
     text_column: Optional[str] = option(None, "text column; 'title,content' joins several (default: the preset's)")
     label_column: str = option("label", "label column: class names (e.g. positive/negative) or ids 0..N-1 (1.0 is "
-                                        "fine)")
+                               "fine)")
     label_names: Optional[list] = option(None, "class names in id order, comma-separated (e.g. neg,pos so that pos = "
-                                               "1); "
-                                               "default: sorted names from the training labels, or the preset's",
+                                         "1); default: sorted names from the training labels, or the preset's",
                                          type=lambda s: [n.strip() for n in s.split(",")])
     num_labels: Optional[int] = option(None, "number of classes (default: inferred from the training labels; checked "
-                                             "when given)",
-                                       Range(2))
+                                       "when given)", Range(2))
     allow_one_class: bool = option(False, "train although the training labels hold one class only (refused by default: "
-                                          "such a model can only say one thing); needs --num-labels or --label-names")
+                                   "such a model can only say one thing); needs --num-labels or --label-names")
     file_encoding: str = option("utf-8", "text encoding of CSV / JSON files (e.g. latin-1, cp1252, utf-16)")
     train_samples: Optional[int] = option(None, "number of training examples (default: the preset's)", COUNT)
     eval_samples: Optional[int] = option(None, "number of evaluation examples (default: the preset's)", COUNT)
     max_length: Optional[int] = option(None, "truncate to this many tokens (default: the model's maximum)", COUNT)
     data_seed: int = option(42, "seed for subset sampling and splits (the seed recipe uses 42)", SEED)
     data_timeout: float = option(DEFAULT_DATA_TIMEOUT_S, "seconds the other processes wait for rank 0 to load and "
-                                                         "tokenize the data "
-                                           "(on a gloo group of its own, apart from --dist-timeout)", POSITIVE)
+                                 "tokenize the data (on a gloo group of its own, apart from --dist-timeout)", POSITIVE)
     num_proc: Optional[int] = option(None, "processes for tokenization (default: the CPU cores this process may use, "
-                                           "at most 8, and 1 below 20k rows)", COUNT)
+                                     "at most 8, and 1 below 20k rows)", COUNT)
     cache_dir: Optional[str] = option(None, "datasets cache folder (default: HF_DATASETS_CACHE); put it on a shared "
-                                            "filesystem and run launch/prepare_data.py once, so every job starts warm")
+                                      "filesystem and run launch/prepare_data.py once, so every job starts warm")
 
 
 @dataclass
 class TrainConfig:
     model: str = option(DEFAULT_MODEL, "Hub name or local folder of a pretrained encoder")
     freeze: str = option("none", "none | lastN (e.g. last2: last N blocks + pooler + classifier) | head (classifier "
-                                 "only) "
-                                 "| lora (LoRA adapters + pooler + classifier, see --lora-*)")
+                         "only) | lora (LoRA adapters + pooler + classifier, see --lora-*)")
     layer_lr_decay: float = option(1.0, "layer-wise lr decay F in (0, 1]: head and pooler get --lr, block i of L "
-                                        "lr*F^(L-i), "
-                                        "embeddings lr*F^(L+1); 1 = off (with --freeze none or lastN)",
+                                   "lr*F^(L-i), embeddings lr*F^(L+1); 1 = off (with --freeze none or lastN)",
                                    Range(0, 1, low_open=True))
     unfreeze_every: int = option(0, "gradual unfreezing: every N optimizer steps thaw the next block from the top (the "
-                                    "pooler with the first), starting from --freeze; 0 = off", NON_NEGATIVE)
+                                 "pooler with the first), starting from --freeze; 0 = off", NON_NEGATIVE)
     unfreeze_to: Optional[str] = option(None, "where gradual unfreezing stops: lastN or none (default none; needs "
-                                              "--unfreeze-every)")
+                                        "--unfreeze-every)")
     lora_r: int = option(8, "--freeze lora: rank of the LoRA update matrices (>= 1)", COUNT)
     lora_alpha: float = option(16.0, "--freeze lora: LoRA scale alpha (the update is scaled by alpha / r)", POSITIVE)
     lora_dropout: float = option(0.1, "--freeze lora: dropout on the LoRA branch's input, in [0, 1)", FRACTION)
     lora_targets: Optional[str] = option(None, "--freeze lora: comma-separated module-name suffixes to adapt, e.g. "
-                                               "attention.self.query,attention.output.dense (default: every block's "
-                                               "attention query and value projections, found by structure)")
+                                         "attention.self.query,attention.output.dense (default: every block's "
+                                         "attention query and value projections, found by structure)")
     lr: float = option(2e-5, "peak learning rate (AdamW)", POSITIVE)
     weight_decay: float = option(0.01, "AdamW weight decay (never applied to biases and LayerNorm)", NON_NEGATIVE)
     batch_size: int = option(16, "training batch size per device", COUNT)
@@ -129,14 +124,14 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)", NON_NEGATIVE)
     warmup_ratio: float = option(0.0, "share of steps with linear warm-up", FRACTION)
     mixed_precision: Optional[str] = option(None, "no | fp16 | bf16 (default: the accelerate config, else chosen for "
-                                                  "the device)")
+                                            "the device)")
     seed: int = option(42, "seed for initialisation, dropout and data order", SEED)
     cpu: bool = option(False, "run on CPU even if a GPU is visible (automatic when none is)")
     tf32: bool = option(True, "fp32 matmuls on TF32 tensor cores on GPUs with compute capability >= 8.0 (--no-tf32: "
-                              "full fp32)")
+                        "full fp32)")
     dist_timeout: float = option(DEFAULT_DIST_TIMEOUT_S, "seconds a collective may wait for the other processes before "
-                                                         "the run fails "
-                                       "(the process group's timeout; the data phase has --data-timeout)", POSITIVE)
+                                 "the run fails (the process group's timeout; the data phase has --data-timeout)",
+                                 POSITIVE)
     output_dir: Optional[str] = option(None, "run folder (default: runs/<task>-<freeze>-<time>)")
     resume_from: Optional[str] = option(None, "checkpoint folder, or 'auto' for the newest one in --output-dir")
     checkpoint_every: int = option(0, "also checkpoint every N optimizer steps (0: only at the end of each epoch)",
@@ -144,31 +139,26 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "how many step checkpoints to keep (0: keep them all)", NON_NEGATIVE)
     log_every: int = option(10, "log training metrics every N optimizer steps", COUNT)
     max_skipped_steps: int = option(100, "fp16: stop (exit 3) after more than this many optimizer steps in a row "
-                                         "skipped "
-                                         "by the loss scaler (a few are normal; a long run means inf/NaN gradients)",
+                                    "skipped by the loss scaler (a few are normal; a long run means inf/NaN gradients)",
                                     NON_NEGATIVE)
     stop_file: Optional[str] = option(None, "if this file appears, checkpoint at the next step and exit 75 (for "
-                                            "requeue)")
+                                      "requeue)")
     num_workers: Optional[int] = option(None, "DataLoader worker processes (default: 0 on CPU; on a GPU up to 4 per "
-                                              "process)",
-                                        NON_NEGATIVE)
+                                        "process)", NON_NEGATIVE)
     group_by_length: bool = option(True, "train on shuffled groups of similar-length rows (less padding, order still "
-                                         "random); "
-                                         "--no-group-by-length: plain random batches")
+                                   "random); --no-group-by-length: plain random batches")
     frozen_dropout: bool = option(False, "--frozen-dropout: dropout in the frozen layers too, as the seeds' Trainer "
-                                         "did; "
-                                         "default: the frozen part runs as in inference, without dropout (up to 2x "
-                                         "faster on CPU, same F1 within seed noise; see docs/performance.md)")
+                                  "did; default: the frozen part runs as in inference, without dropout (up to 2x "
+                                  "faster on CPU, same F1 within seed noise; see docs/performance.md)")
     cache_frozen: bool = option(False, "head/lastN: compute the frozen part's outputs once (eval mode, no dropout) and "
-                                       "train the trainable part on them every epoch (see docs/performance.md)")
+                                "train the trainable part on them every epoch (see docs/performance.md)")
     compile: bool = option(False, "torch.compile the model (opt-in: compile time is only repaid by long runs)")
     report_to: str = option("none", "experiment trackers, comma-separated: tensorboard, wandb, mlflow, trackio (or "
-                                    "none)")
+                            "none)")
     run_name: Optional[str] = option(None, "the run's name in the trackers (default: the output folder's name)")
     metrics: Optional[str] = option(None, "extra eval metrics from the `evaluate` library, e.g. "
-                                          "matthews_correlation,f1 "
-                                          "(Hub names, cached ones, or paths to metric scripts); the default set is "
-                                          "scikit-learn's f1/accuracy/precision/recall")
+                                    "matthews_correlation,f1 (Hub names, cached ones, or paths to metric scripts); the "
+                                    "default set is scikit-learn's f1/accuracy/precision/recall")
     quiet: bool = option(False, "print only the final metrics table (and errors)")
     verbose: bool = option(False, "also show library logs and progress bars (datasets, transformers) and extra details")
     data: DataConfig = field(default_factory=DataConfig)
@@ -185,22 +175,21 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    model: str = option(None, "what to score: a run folder, its model/ folder, or a checkpoints/step-N "
-                              "folder", required=True)
+    model: str = option(None, "what to score: a run folder, its model/ folder, or a checkpoints/step-N folder",
+                        required=True)
     same_data: bool = option(False, "score on the run's own eval set (its data options; --data-dir still relocates the "
-                                    "files)")
-    eval_batch_size: Optional[int] = option(None, "evaluation batch size per device (default: the run's, else "
-                                                  "32)", COUNT)
+                             "files)")
+    eval_batch_size: Optional[int] = option(None, "evaluation batch size per device (default: the run's, else 32)",
+                                            COUNT)
     mixed_precision: Optional[str] = option(None, "no | fp16 | bf16")
     cpu: bool = option(False, "run on CPU even if a GPU is visible")
     tf32: bool = option(True, "fp32 matmuls on TF32 tensor cores on GPUs with compute capability >= 8.0 (--no-tf32: "
-                              "full fp32)")
+                        "full fp32)")
     dist_timeout: float = option(DEFAULT_DIST_TIMEOUT_S, "seconds a collective may wait for the other processes "
-                                                         "(process-group timeout)",
-                                  POSITIVE)
+                                 "(process-group timeout)", POSITIVE)
     seed: int = option(42, "seed", SEED)
     output_dir: Optional[str] = option(None, "where metrics.json and predictions.csv go (default: "
-                                             "runs/eval-<task>-<time>)")
+                                       "runs/eval-<task>-<time>)")
     metrics: Optional[str] = option(None, "extra metrics from the `evaluate` library (see train --help)")
     data: DataConfig = field(default_factory=DataConfig)
 

@@ -120,7 +120,7 @@ class Evaluations:
     def __call__(self, epoch: int) -> EvalResult:
         step = self.state.global_step
         if step not in self.done:
-            self.done[step] = validate(*self.args[:6], extra_metrics=self.args[6])
+            self.done[step] = validate(*self.args)
             self.run_log.eval_result(epoch, step, self.done[step].metrics)
         return self.done[step]
 
