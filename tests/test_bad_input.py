@@ -278,3 +278,57 @@ def test_per_class_metric_rows_show_the_class_names(tiny, tmp_path, capsys):
         for name in names:
             for metric in ("precision", "recall", "f1"):
                 assert f"{metric}[{name}]" in table, table
+
+
+# ---------------------------------------------------------------- issue 20: the learning-rate search
+
+
+@pytest.fixture
+def four_rows_per_class(tmp_path):
+    return write(tmp_path / "small.parquet", text=[f"review {i}" for i in range(8)], label=[0, 1] * 4)
+
+
+SEARCH_CASES = {
+    "no validation split": ([], "there is none", "--validation-fraction"),
+    "lr and lr search": (["--validation-fraction", "0.5", "--lr", "3e-4"], "which one would decide", "drop --lr"),
+    "empty grid": (["--validation-fraction", "0.5", "--lr-grid", "none="], "--lr-grid 'none=' is empty", "lora=1e-3"),
+    "zero rate": (["--validation-fraction", "0.5", "--lr-grid", "none=0,1e-3"], "0 is not a positive rate", "> 0"),
+    "negative rate": (["--validation-fraction", "0.5", "--lr-grid", "none=-1e-3"], "-0.001 is not a positive rate",
+                      "> 0"),
+    "grid of an unlisted policy": (["--validation-fraction", "0.5", "--lr-grid", "lora=1e-3"],
+                                   "names policy 'lora', which --policies does not list", "none"),
+    "a class empty in validation": (["--validation-fraction", "0.1"], "leaves class 0 with 0 of its 3",
+                                    "--validation-fraction"),
+    "a class empty in training": (["--validation-fraction", "0.9"], "leaves class 0 with 3 of its 3",
+                                  "--validation-fraction"),
+    "unwritable study storage": (["--validation-fraction", "0.5", "--study-storage", "{tmp}/small.parquet/s.journal"],
+                                 "cannot be written", "--study-storage"),
+}
+
+
+@pytest.mark.parametrize("case", SEARCH_CASES, ids=list(SEARCH_CASES))
+def test_a_bad_search_is_one_error_and_writes_nothing(case, four_rows_per_class, tmp_path, capsys):
+    extra, problem, fix = SEARCH_CASES[case]
+    before = sorted(tmp_path.iterdir())
+    argv = ["--model", str(tmp_path / "no-model"), "--train-file", four_rows_per_class, "--eval-samples", "2",
+            "--policies", "none", "--lr-search", "--cpu", "--output-dir", str(tmp_path / "out"),
+            *[e.replace("{tmp}", str(tmp_path)) for e in extra]]
+    code = run(compare_main, CompareConfig, "compare", argv)
+    err = squash(capsys.readouterr().err)
+    assert code == 2, err
+    assert squash(problem) in err and "fix:" in err and squash(fix) in err.split("fix:", 1)[1], err
+    assert "Traceback" not in err and sorted(tmp_path.iterdir()) == before
+
+
+def test_search_options_without_the_search_are_refused(tmp_path, capsys):
+    code = run(compare_main, CompareConfig, "compare", ["--model", str(tmp_path / "m"), "--lr-grid", "none=1e-4",
+                                                        "--output-dir", str(tmp_path / "out")])
+    assert code == 2 and "add --lr-search" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--no-score-test", "--pause-at-step"])
+def test_scoring_only_the_validation_split_needs_one(flag, good, tmp_path, capsys):
+    code, err = train(base(str(tmp_path / "m"), tmp_path, "--train-file", good, flag,
+                           *(["2"] if flag == "--pause-at-step" else [])), capsys)
+    assert code == 2 and f"{flag} scores the validation split, and there is none" in err
+    assert "--validation-fraction" in err and not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from accelerate.utils import set_seed
 from transformers import get_linear_schedule_with_warmup
 
@@ -20,12 +21,13 @@ from .backends.distributed import main_process_first
 from .backends.preemption import StopRequest, stopped
 from .core import exit_codes
 from .core.config import TrainConfig, save_json
-from .data.dataset import Collator, default_num_workers, first_example, prepare_splits
+from .core.errors import ToolkitError
+from .data.dataset import Collator, default_num_workers, first_example, make_loader, prepare_splits
 from .engine import checkpoint as ckpt
 from .engine import extra_metrics
 from .engine.flops import CurrentFlops, FlopModel, device_peak_flops
 from .engine.frozen_cache import FrozenCache, run_loaders
-from .engine.loop import Evaluations, GradualThaw, TrainState, fit, optimizer_steps
+from .engine.loop import EvalResult, Evaluations, GradualThaw, TrainState, fit, optimizer_steps, validate
 from .engine.memory import reset_peak, run_memory
 from .engine.metrics import f1_average, training_metrics
 from .engine.model import build_optimizer, load_model, load_tokenizer, max_positions
@@ -59,14 +61,15 @@ def main(cfg: TrainConfig) -> int:
         # The data decide the classes (num_labels, label names), so the model is built after them. Rank 0 first,
         # on a gloo group of its own with the data phase's timeout (--data-timeout): the others read its cache.
         with main_process_first(accelerator, cfg.data.data_timeout):
-            train_ds, eval_ds, max_length = prepare_splits(cfg.data, tokenizer, max_positions(cfg.model),
-                                                           run_log.print)
+            train_ds, valid_ds, test_ds, max_length = prepare_splits(cfg.data, tokenizer, max_positions(cfg.model),
+                                                                     run_log.print, need_eval=cfg.score_test)
+        eval_ds, eval_split = (test_ds, "eval") if cfg.score_test else (valid_ds, "validation")  # trials: no test
 
         # ---- model and policy: everything the run will ever train requires grad from here to the wrap
         model = policy.apply(load_model(cfg.model, cfg.data.num_labels, cfg.data.label_names, log=run_log.print))
         summary = summarize(model, policy.spec)
         schedule = policy.schedule(model)  # also checks a gradual target against the model's depth
-        run_log.print(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples, max length {max_length}")
+        run_log.print(describe_data(train_ds, valid_ds, test_ds, max_length))
         run_log.freeze_table(summary)
         if policy.gradual:
             run_log.print("gradual unfreezing: "
@@ -86,7 +89,7 @@ def main(cfg: TrainConfig) -> int:
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, policy)
         if accelerator.is_main_process:
             start_run_folder(out, {**requested, "output_dir": cfg.output_dir, "resolved": resolved_settings(
-                cfg, accelerator, model, policy, schedule, optimizer, max_length, len(train_ds), len(eval_ds))})
+                cfg, accelerator, model, policy, schedule, optimizer, max_length, train_ds, valid_ds, test_ds)})
         run_log.log_path = out / "metrics.jsonl"
 
         # ---- loaders and schedule, the back-end's settings, the wrap
@@ -123,12 +126,11 @@ def main(cfg: TrainConfig) -> int:
         if cache is not None:
             state.train_runtime_s += cache.train_seconds  # it replaced the frozen part's forward passes
         trackers.start(accelerator, run_log, tracker_names, out, cfg.run_name or trackers.default_run_name(out),
-                       cfg.to_dict(), resume_step=state.global_step if resume is not None else None,
-                       verbosity=verbosity)
+                       cfg.to_dict(), resume_step=state.global_step if resume else None, verbosity=verbosity)
 
         # ---- fit: evaluate after every epoch (once per step count), checkpoint, stop on request
         evaluate = Evaluations(accelerator, model, eval_loader, state, cfg.data.num_labels, len(eval_ds),
-                               cfg.data.label_names, metrics_extra, run_log)
+                               cfg.data.label_names, metrics_extra, run_log, split=eval_split)
 
         with StopRequest(cfg.stop_file) as stop:  # SIGTERM, SIGUSR1, the stop file and Ctrl-C: checkpoint, exit
             status = fit(accelerator, model, optimizer, scheduler, train_loader, sampler, state=state,
@@ -136,20 +138,20 @@ def main(cfg: TrainConfig) -> int:
                          log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, run_log=run_log, stop=stop,
                          evaluate=evaluate, checkpoint=ckpt.saver(accelerator, out, cfg, policy, raw_model),
                          flop_model=flop_model, peak_flops=peak_flops,
-                         max_skipped_steps=cfg.max_skipped_steps, on_step=after_step)
-        if status != "done":  # preempted or interrupted, with a checkpoint
+                         max_skipped_steps=cfg.max_skipped_steps, on_step=after_step, pause_at=cfg.pause_at_step)
+        if status != "done":  # paused at a rung, preempted or interrupted: with a checkpoint
             trackers.finish(accelerator, run_log)
-            return stopped(status, state.global_step, out, run_log)
+            return (pause(cfg, state, evaluate, out, run_log, accelerator) if status == "paused"
+                    else stopped(status, state.global_step, out, run_log))
 
         # ---- outputs (the final eval is cheap next to training and makes the files self-consistent)
-        result = evaluate(state.epoch)
-        if cache is not None:
-            cache.restore()  # the saved model runs its frozen part again
+        result, scores = final_scores(cfg, evaluate, state.epoch, cache, accelerator, model, valid_ds, collator,
+                                      eval_batch_size, workers)
         ckpt.save_model(accelerator, policy.export(model), tokenizer, out / "model")
         memory = run_memory(accelerator, optimizer)  # max over ranks; every rank takes part
         if accelerator.is_main_process:
             write_predictions(out / "predictions.csv", result)
-            metrics = final_metrics(result.metrics, cfg, state, peak_flops, cache, summary, memory, policy.spec,
+            metrics = final_metrics(scores, cfg, state, peak_flops, cache, summary, memory, policy.spec,
                                     accelerator.num_processes)
             save_json(out / "metrics.json", metrics)
             curves.plot_run(out)
@@ -159,15 +161,63 @@ def main(cfg: TrainConfig) -> int:
         return exit_codes.OK
 
 
+def split_metrics(result: EvalResult, split: str) -> dict:
+    """One split's metrics under its own names (validation_f1, validation_loss, ...), with the number of classes
+    predicted: 1 is a degenerate model whatever its F1 says."""
+    named = {f"{split}_{key.removeprefix('eval_')}": value for key, value in result.metrics.items()}
+    return {**named, f"{split}_classes_predicted": int(len(np.unique(result.preds)))}
+
+
+def describe_data(train_ds, valid_ds, test_ds, max_length: int) -> str:
+    return (f"data: {len(train_ds)} train / " + (f"{len(valid_ds)} validation / " if valid_ds is not None else "")
+            + (f"{len(test_ds)} eval" if test_ds is not None else "no eval (--no-score-test)")
+            + f" examples, max length {max_length}")
+
+
+def final_scores(cfg: TrainConfig, evaluate: Evaluations, epoch: int, cache, accelerator, model, valid_ds, collator,
+                 batch_size: int, workers: int) -> tuple[EvalResult, dict]:
+    """The final evaluation (cheap next to training, and it makes the files self-consistent) and the metrics for
+    metrics.json. A run that scored the test split also scores its validation split, once, on the whole model."""
+    result = evaluate(epoch)
+    if cache is not None:
+        cache.restore()  # the saved model runs its frozen part again
+    if not cfg.score_test:
+        return result, split_metrics(result, "validation")
+    if valid_ds is None:
+        return result, result.metrics
+    loader = accelerator.prepare_data_loader(make_loader(valid_ds, collator, batch_size, cfg.seed, train=False,
+                                                         num_workers=workers))
+    valid = validate(accelerator, model, loader, cfg.data.num_labels, len(valid_ds), cfg.data.label_names)
+    return result, {**result.metrics, **split_metrics(valid, "validation")}
+
+
+def pause(cfg: TrainConfig, state: TrainState, evaluate: Evaluations, out, run_log: RunLog, accelerator) -> int:
+    """A rung of successive halving: the validation score at this step, in rungs/step-N.json; the checkpoint at this
+    step (written by fit) is where --resume-from auto goes on."""
+    if state.global_step != cfg.pause_at_step:
+        raise ToolkitError(f"{out} has trained to step {state.global_step}, past --pause-at-step {cfg.pause_at_step}",
+                           "pause at a later step, or use a new --output-dir")
+    scores = split_metrics(evaluate(state.epoch), "validation")
+    if accelerator.is_main_process:
+        (out / "rungs").mkdir(exist_ok=True)
+        save_json(out / "rungs" / f"step-{state.global_step}.json",
+                  {"step": state.global_step, **scores, "train_runtime_s": state.train_runtime_s})
+        run_log.print(f"paused at step {state.global_step}: validation f1 {scores['validation_f1']:.4f}")
+    accelerator.wait_for_everyone()
+    return exit_codes.OK
+
+
 def resolved_settings(cfg: TrainConfig, accelerator, model, policy: Policy, schedule, optimizer, max_length: int,
-                      train_examples: int, eval_examples: int) -> dict:
+                      train_ds, valid_ds, test_ds) -> dict:
     """config.json's "resolved": what the run settled that the options did not say."""
     param_groups = [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
                      "params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups]
     return {"num_labels": cfg.data.num_labels, "label_names": cfg.data.label_names,
             "max_length": max_length, "world_size": accelerator.num_processes,
-            "mixed_precision": accelerator.mixed_precision, "train_examples": train_examples,
-            "eval_examples": eval_examples, "distributed_type": str(accelerator.distributed_type),
+            "mixed_precision": accelerator.mixed_precision, "train_examples": len(train_ds),
+            "validation_examples": len(valid_ds) if valid_ds is not None else 0,
+            "eval_examples": len(test_ds) if test_ds is not None else 0,
+            "distributed_type": str(accelerator.distributed_type),
             "policy": policy.spec, "param_groups": param_groups,
             "unfreeze_schedule": [[step, stage.spec] for step, stage in schedule] if policy.gradual else None,
             **({"lora_targets": lora.adapted_modules(model)} if policy.kind == "lora" else {})}

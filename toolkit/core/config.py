@@ -87,6 +87,10 @@ class DataConfig:
     train_samples: Optional[int] = option(None, "number of training examples (default: the preset's)", COUNT)
     eval_samples: Optional[int] = option(None, "number of evaluation examples (default: the preset's)", COUNT)
     max_length: Optional[int] = option(None, "truncate to this many tokens (default: the model's maximum)", COUNT)
+    validation_fraction: Optional[float] = option(None, "carve a stratified validation set of this share out of the "
+                                                  "training rows (the same rows for every run of one --data-seed); "
+                                                  "compare --lr-search decides on it, never on the eval (test) rows",
+                                                  Range(0, 1, low_open=True, high_open=True))
     data_seed: int = option(42, "seed for subset sampling and splits (the seed recipe uses 42)", SEED)
     data_timeout: float = option(DEFAULT_DATA_TIMEOUT_S, "seconds the other processes wait for rank 0 to load and "
                                  "tokenize the data (on a gloo group of its own, apart from --dist-timeout)", POSITIVE)
@@ -141,6 +145,11 @@ class TrainConfig:
     max_skipped_steps: int = option(100, "fp16: stop (exit 3) after more than this many optimizer steps in a row "
                                     "skipped by the loss scaler (a few are normal; a long run means inf/NaN gradients)",
                                     NON_NEGATIVE)
+    pause_at_step: Optional[int] = option(None, "score the validation split at this optimizer step, checkpoint and "
+                                          "exit 0 (a rung of successive halving); --resume-from auto goes on, on "
+                                          "the schedule of the whole run", COUNT)
+    score_test: bool = option(True, "score the eval (test) split; --no-score-test: score only the validation split "
+                              "(the lr-search trials: their files hold no test row)")
     stop_file: Optional[str] = option(None, "if this file appears, checkpoint at the next step and exit 75 (for "
                                       "requeue)")
     num_workers: Optional[int] = option(None, "DataLoader worker processes (default: 0 on CPU; on a GPU up to 4 per "
@@ -171,6 +180,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        """Options that contradict each other. A run that scores only the validation split, or pauses at a rung
+        to score it, needs one."""
+        if self.data.validation_fraction is not None:
+            return
+        for needed, flag in ((not self.score_test, "--no-score-test"),
+                             (self.pause_at_step is not None, "--pause-at-step")):
+            if needed:
+                raise ToolkitError(f"{flag} scores the validation split, and there is none",
+                                   "add --validation-fraction (e.g. 0.1)")
 
 
 @dataclass
@@ -260,11 +280,14 @@ def check_ranges(cfg: Any) -> None:
 
 
 def parse_args(cls: type, argv: list[str] | None = None, description: str | None = None) -> Any:
-    """The config from the command line; raises ToolkitError for a value outside its option's Range."""
+    """The config from the command line; raises ToolkitError for a value outside its option's Range or options
+    that contradict each other (the config's check())."""
     parser = argparse.ArgumentParser(description=description)
     _add_fields(parser, cls)
     cfg = _build(cls, vars(parser.parse_args(argv)))
     check_ranges(cfg)
+    if hasattr(cfg, "check"):
+        cfg.check()
     return cfg
 
 

@@ -599,13 +599,45 @@ def make_loader(ds: Dataset, collator: Collator, batch_size: int, seed: int, tra
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
 
 
+def split_validation(ds: Dataset, fraction: float, num_labels: int, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, validation): round(fraction * n_c) rows of every class c go to validation, drawn with `seed`.
+
+    Stratified, so a small validation set keeps the training classes' shares, and a function of the
+    rows and the seed only, so every run of a comparison holds out exactly the same rows.
+    """
+    labels = numpy_column(ds, "labels")
+    rng = np.random.default_rng(seed)
+    held = []
+    for cls in range(num_labels):
+        idx = np.flatnonzero(labels == cls)
+        n_valid = int(round(fraction * len(idx)))
+        if len(idx) and not 0 < n_valid < len(idx):
+            raise ToolkitError(f"--validation-fraction {fraction:g} leaves class {cls} with {n_valid} of its "
+                               f"{len(idx)} training rows in the validation split and {len(idx) - n_valid} in "
+                               "training: each class needs rows in both",
+                               f"pass --validation-fraction between {1 / len(idx):.2g} and "
+                               f"{1 - 1 / len(idx):.2g}, or more --train-samples")
+        held.append(rng.permutation(idx)[:n_valid])
+    valid = np.sort(np.concatenate(held))
+    train = np.setdiff1d(np.arange(len(ds)), valid)
+    return ds.select(train).flatten_indices(), ds.select(valid).flatten_indices()
+
+
 def prepare_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, model_max_positions: int | None, log=print,
-                   need_train: bool = True) -> tuple[Dataset | None, Dataset, int]:
-    """Train and eval splits, validated and tokenized, and the max length used (run it rank 0 first)."""
+                   need_train: bool = True, need_eval: bool = True
+                   ) -> tuple[Dataset | None, Dataset | None, Dataset | None, int]:
+    """Train, validation (None without --validation-fraction) and eval splits, validated and tokenized, and the
+    max length used (run it rank 0 first). The validation rows are cut from the tokenized training rows, so the
+    tokenization cache is the same with and without a validation split. `need_eval=False` leaves the eval (test)
+    rows untokenized and unreturned: a run that must not score them never holds them."""
     train_ds, eval_ds = build_splits(cfg, log=log)
     max_length = resolve_max_length(cfg.max_length, tokenizer, model_max_positions)
     train_tok = tokenize(train_ds, tokenizer, max_length, cfg.num_proc) if need_train else None
-    return train_tok, tokenize(eval_ds, tokenizer, max_length, cfg.num_proc), max_length
+    valid_tok = None
+    if cfg.validation_fraction is not None and train_tok is not None:
+        train_tok, valid_tok = split_validation(train_tok, cfg.validation_fraction, cfg.num_labels, cfg.data_seed)
+    eval_tok = tokenize(eval_ds, tokenizer, max_length, cfg.num_proc) if need_eval else None
+    return train_tok, valid_tok, eval_tok, max_length
 
 
 def first_example(ds: Dataset, collator: "Collator") -> dict:

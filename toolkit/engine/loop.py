@@ -113,15 +113,15 @@ class Evaluations:
     """validate() once per step count (the end-of-run eval repeats none), recorded and shown by the run log."""
 
     def __init__(self, accelerator: Accelerator, model, loader, state: "TrainState", num_labels: int, num_examples: int,
-                 label_names: list[str] | None, extra_metrics: list | None, run_log: RunLog):
+                 label_names: list[str] | None, extra_metrics: list | None, run_log: RunLog, split: str = "eval"):
         self.args = (accelerator, model, loader, num_labels, num_examples, label_names, extra_metrics)
-        self.state, self.run_log, self.done = state, run_log, {}
+        self.state, self.run_log, self.done, self.split = state, run_log, {}, split
 
     def __call__(self, epoch: int) -> EvalResult:
         step = self.state.global_step
         if step not in self.done:
             self.done[step] = validate(*self.args)
-            self.run_log.eval_result(epoch, step, self.done[step].metrics)
+            self.run_log.eval_result(epoch, step, self.done[step].metrics, self.split)
         return self.done[step]
 
 
@@ -206,7 +206,7 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
         epochs: int, max_steps: int | None, max_grad_norm: float, seed: int, log_every: int,
         checkpoint_every: int, run_log: RunLog, stop: StopRequest, evaluate, checkpoint,
         flop_model: FlopModel | None = None, peak_flops: float | None = None, max_skipped_steps: int = 100,
-        on_step=None) -> str:
+        on_step=None, pause_at: int | None = None) -> str:
     """Train until the epochs or max_steps are done ("done") or a stop is requested: "interrupted" when
     a rank got a Ctrl-C, else "preempted". Either way every rank stops after the same step, checkpointed.
 
@@ -220,6 +220,8 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
     the loss at log steps: no `.item()` per micro-batch, so the host does not stall on the GPU
     mid-step. (transformers' SDPA mask helper still reads `padding_mask.all()` once per forward.)
     `on_step(global_step)` runs after every optimizer step, before the next forward (gradual unfreezing).
+    At step `pause_at` (before the last step) it checkpoints and returns "paused": a rung of successive halving.
+    The schedule still spans every step, so a run resumed from there ends where an uninterrupted one ends.
     """
     accum = accelerator.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_loader) / accum)
@@ -241,6 +243,8 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
         nonlocal clock
         state.train_runtime_s += time.perf_counter() - clock
 
+    if pause_at is not None and pause_at <= state.global_step < total_steps:
+        return "paused"  # resumed at (or past) its rung: that checkpoint holds the weights to score
     with run_log.progress(total_steps, completed=state.global_step) as bar:
         while state.epoch < epochs and state.global_step < total_steps:
             sampler.epoch = state.epoch
@@ -313,6 +317,10 @@ def fit(accelerator: Accelerator, model, optimizer, scheduler, train_loader, sam
                                   f"{state.global_step}[/yellow]")
                     checkpoint(state)
                     return "interrupted" if interrupted else "preempted"
+                if state.global_step == pause_at and state.global_step < total_steps:
+                    bank_time()
+                    checkpoint(state)
+                    return "paused"
                 if checkpoint_every and state.global_step % checkpoint_every == 0:
                     bank_time()
                     paused = time.perf_counter()

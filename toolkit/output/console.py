@@ -60,12 +60,13 @@ class RunLog:
                       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.trackers.log(values, step=entry.get("step"))
 
-    def eval_result(self, epoch: int, step: int, metrics: dict) -> None:
-        """One evaluation: recorded in metrics.jsonl (names prefixed eval_) and shown as one line."""
-        self.record({"epoch": epoch, "step": step,
+    def eval_result(self, epoch: int, step: int, metrics: dict, split: str = "eval") -> None:
+        """One evaluation: recorded in metrics.jsonl (names prefixed eval_, the split named when it is the
+        validation split) and shown as one line."""
+        self.record({"epoch": epoch, "step": step, **({"split": split} if split != "eval" else {}),
                      **{k if k.startswith("eval") else f"eval_{k}": v for k, v in metrics.items()}})
-        self.print(f"epoch {epoch}: f1 {metrics['f1']:.4f} accuracy {metrics['accuracy']:.4f} "
-                   f"eval loss {metrics['eval_loss']:.4f}")
+        self.print(f"epoch {epoch}: {'' if split == 'eval' else split + ' '}f1 {metrics['f1']:.4f} "
+                   f"accuracy {metrics['accuracy']:.4f} {split} loss {metrics['eval_loss']:.4f}")
 
     def freeze_table(self, summary) -> None:
         """The per-group trainable table of a policy.blocks.FreezeSummary."""

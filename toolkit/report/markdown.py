@@ -74,10 +74,15 @@ def _verdict(p: dict, baseline: str) -> str | None:
 def markdown(report: dict) -> str:
     s, baseline, seeds = report["settings"], report["baseline"], report["seeds"]
     many = len(seeds) > 1
+    searched = report.get("search") is not None
+    lr_text = ("lr per policy, chosen on the validation split (see *Learning-rate search* below)" if searched
+               else f"lr {s['lr']}")
+    valid_text = f"{s['validation_examples']} validation / " if s.get("validation_examples") else ""
     lines = [f"# Freeze-policy comparison: {report['task']}", "",
              (f"Model `{report['model']}` · hardware: {report['hardware']} · mixed precision {s['mixed_precision']} · "
-              f"{s['train_examples']} train / {s['eval_examples']} eval examples (data seed {s['data_seed']}, the same "
-              f"rows for every run) · max length {s['max_length']} · {s['epochs']} epoch(s) · lr {s['lr']} · batch "
+              f"{s['train_examples']} train / {valid_text}{s['eval_examples']} eval examples (data seed "
+              f"{s['data_seed']}, the same rows for every run) · max length {s['max_length']} · {s['epochs']} epoch(s) "
+              f"· {lr_text} · batch "
               f"size {s['batch_size']} · training seed{'s' if many else ''} {_seeds(seeds)} (head init, dropout, batch "
               "order)"),
              ""]
@@ -89,7 +94,8 @@ def markdown(report: dict) -> str:
         lines += [f"**The runs used different numbers of processes ({', '.join(map(str, report['world_sizes']))})**: "
                   "their speeds and batches are not like for like.", ""]
     vs = f"vs `{baseline}`" if baseline else "vs baseline"
-    head = ["policy", "runs", "F1 mean ± std", "F1 95 % CI", "accuracy mean ± std", "train time (min–max)",
+    head = ["policy", "runs", *(["lr"] if searched else []), "F1 mean ± std",
+            "F1 95 % CI", "accuracy mean ± std", "train time (min–max)",
             "train samples/s", "trainable params", "peak memory", "optimizer state", f"ΔF1 {vs} (paired)",
             "ΔF1 95 % CI", f"speed-up {vs} (min–max)", "degenerate"]
     reference = report["seed_reference_label"]
@@ -103,7 +109,8 @@ def markdown(report: dict) -> str:
             f" (seed {_seeds(p['degenerate_seeds'])}; F1 without: {_mean_std(p['f1_without_degenerate'], '.4f')})"
             if p["degenerate"] else "")
         speed = "—" if cmp is None else _range(cmp["speedup"], ".2f", "×")
-        cells = [f"`{p['policy']}`", runs, _mean_std(p["f1"], ".4f"), _ci(p["f1"], ".4f"),
+        cells = [f"`{p['policy']}`", runs, *([_fmt(p["lr"], "g")] if searched else []), _mean_std(p["f1"], ".4f"),
+                 _ci(p["f1"], ".4f"),
                  _mean_std(p["accuracy"], ".4f"), _range(p["train_runtime_s"], ".1f", " s"),
                  _mean_std(p["train_samples_per_s"], ".1f"), trainable, _bytes(p["peak_memory_bytes"]),
                  _bytes(p["optimizer_state_bytes"]),
@@ -153,6 +160,10 @@ def markdown(report: dict) -> str:
                  _fmt(r["train_samples_per_s"], ".1f"), _fmt(r["eval_samples_per_s"], ".1f"), classes,
                  _bytes(r["peak_memory_bytes"]), _fmt(r["world_size"], "d")]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    if searched:
+        from .search import search_markdown
+
+        lines += ["", search_markdown(report["search"])]
     return "\n".join(lines) + "\n"
 
 

@@ -28,7 +28,7 @@ SEED_FIGURES = {
 }
 METRIC_KEYS = ("trainable_params", "total_params", "train_runtime_s", "train_samples_per_s", "eval_samples_per_s",
                "f1", "accuracy", "eval_loss", "train_samples", "world_size", "peak_memory_bytes", "peak_memory_kind",
-               "optimizer_state_bytes")
+               "optimizer_state_bytes", "validation_f1")
 SPREAD_KEYS = ("f1", "accuracy", "train_runtime_s", "train_samples_per_s", "eval_samples_per_s")
 
 
@@ -94,6 +94,7 @@ def run_rows(out: Path, records: list[dict], hardware: str) -> list[dict]:
         metrics = _read(run_dir / "metrics.json") if record["status"] in ("trained", "reused") else {}
         row.update({k: metrics.get(k) for k in METRIC_KEYS})
         row["finished"] = bool(metrics)
+        row["lr"] = _read(run_dir / "config.json").get("lr") if metrics else None
         row["trainable_pct"] = 100 * metrics["trainable_params"] / metrics["total_params"] if metrics else None
         # a run trained outside compare (e.g. by train.py into this folder) has no hardware.json: this machine
         row["hardware"] = (_read(run_dir / "hardware.json").get("hardware") or hardware) if metrics else None
@@ -113,7 +114,7 @@ def policy_summary(policy: str, rows: list[dict], baseline: list[dict] | None) -
         "n": len(done), "failed": [r["seed"] for r in rows if r["status"] == "failed"],
         "not_finished": [r["seed"] for r in rows if not r["finished"]],
         "trainable_params": first.get("trainable_params"), "total_params": first.get("total_params"),
-        "trainable_pct": first.get("trainable_pct"),
+        "trainable_pct": first.get("trainable_pct"), "lr": first.get("lr"),
         **{key: spread([r[key] for r in done]) for key in SPREAD_KEYS},
         "degenerate": len(done) - len(healthy), "degenerate_seeds": [r["seed"] for r in done if r["degenerate"]],
         "f1_without_degenerate": spread([r["f1"] for r in healthy]),
@@ -170,6 +171,7 @@ def collect(out: Path, records: list[dict], base: dict, hardware: str, baseline:
         "world_sizes": world_sizes, "mixed_world_sizes": len(world_sizes) > 1,
         "memory_kinds": sorted({r["peak_memory_kind"] for r in done if r["peak_memory_kind"]}),
         "settings": {"train_examples": resolved.get("train_examples", base["data"]["train_samples"]),
+                     "validation_examples": resolved.get("validation_examples", 0),
                      "eval_examples": resolved.get("eval_examples", base["data"]["eval_samples"]),
                      "max_length": resolved.get("max_length", base["data"]["max_length"]),
                      "world_size": resolved.get("world_size"), "mixed_precision": resolved.get("mixed_precision"),
