@@ -264,9 +264,9 @@ def main(cfg: CompareConfig) -> int:
         if accelerator.is_main_process:
             (out / "search").mkdir(parents=True, exist_ok=True)
             saved = out / "search" / "plan.json"
-            known = json.loads(saved.read_text())["policies"] if saved.is_file() else {}
-            merged = {**planned[0], "policies": {**known, **planned[0]["policies"]}}
-            if not saved.is_file() or json.loads(saved.read_text()) != merged:  # a rerun rewrites nothing
+            previous = json.loads(saved.read_text()) if saved.is_file() else {}
+            merged = {**planned[0], "policies": {**previous.get("policies", {}), **planned[0]["policies"]}}
+            if merged != previous:  # a rerun rewrites nothing
                 save_json(saved, merged)
         log = (lambda text: console.print(plain(text))) if console else (lambda text: None)
         try:

@@ -89,9 +89,8 @@ def trial_result(folder: Path, step: int, budget: int) -> dict | None:
         return {"validation_f1": found["validation_f1"], "classes_predicted": found["validation_classes_predicted"],
                 "train_s": found["train_runtime_s"]}
     failed = folder / "diverged.json"
-    if failed.is_file() and json.loads(failed.read_text())["rung"] <= step:
-        return {"diverged": True, **json.loads(failed.read_text())}
-    return None
+    diverged = json.loads(failed.read_text()) if failed.is_file() else None
+    return {"diverged": True, **diverged} if diverged is not None and diverged["rung"] <= step else None
 
 
 def run_trial(base: TrainConfig, arm: Arm, out: Path, step: int, budget: int, is_main: bool = True) -> dict:
@@ -147,7 +146,7 @@ def search(base: TrainConfig, policies: list[Policy], plan: dict, out: Path, stu
     for policy in policies:
         grid = plan["policies"][policy.spec]["grid"]
         rungs = halving.rung_steps(budget, len(grid), eta)
-        alive, by_rung, results = list(grid), [], {}
+        alive, by_rung, results, trials = list(grid), [], {}, {}
         for step in rungs:
             scores = {}
             for lr in alive:
@@ -158,8 +157,8 @@ def search(base: TrainConfig, policies: list[Policy], plan: dict, out: Path, stu
                     per_seed.append(result)
                     results[lr, seed] = (step, result)
                     if is_main:
-                        number = studies.arm_trial(study, policy.spec, lr, seed, tuple(grid))
-                        studies.report_rung(study, number, step, result.get("validation_f1"))
+                        trials[lr, seed] = studies.arm_trial(study, policy.spec, lr, seed, tuple(grid))
+                        studies.report_rung(study, trials[lr, seed], step, result.get("validation_f1"))
                 scores[lr] = halving.arm_score(per_seed)
                 log(f"search {policy.spec} lr {lr:g} step {step}/{budget}: " + (
                     "diverged" if scores[lr].diverged else f"validation F1 {scores[lr].f1:.4f}"
@@ -171,9 +170,8 @@ def search(base: TrainConfig, policies: list[Policy], plan: dict, out: Path, stu
         chosen = halving.choose(by_rung)
         if is_main:
             for (lr, seed), (step, result) in results.items():
-                number = studies.arm_trial(study, policy.spec, lr, seed, tuple(grid))
                 outcome = ("diverged" if result.get("diverged") else "complete" if step >= budget else "pruned")
-                studies.finish(study, number, outcome, result.get("validation_f1"))
+                studies.finish(study, trials[lr, seed], outcome, result.get("validation_f1"))
                 if outcome == "pruned":  # its rung score is on file; its weights will never train again
                     shutil.rmtree(Arm(policy, lr, seed).folder(out) / "checkpoints", ignore_errors=True)
         record["policies"].append(policy_record(policy, plan["policies"][policy.spec], rungs, by_rung, results,
