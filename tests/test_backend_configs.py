@@ -340,12 +340,13 @@ def test_top_level_typo_is_caught_by_the_key_check():
 PROBE = r'''
 """A stand-in for the toolkit's training step: a tiny BERT with frozen embeddings, torch AdamW over the
 trainable parameters (no decay for bias/LayerNorm), a linear schedule, all through accelerator.prepare."""
-import json, sys, torch
+import faulthandler, json, os, sys, torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
 mixed_precision, result_file = sys.argv[1], sys.argv[2]
+faulthandler.enable()  # a native abort prints where each rank was
 # like toolkit.backends.accelerator.setup: one scheduler step per optimizer step, gloo on CPU
 acc = Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
                   kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
@@ -386,6 +387,8 @@ if acc.is_main_process:  # a file, not stdout: two ranks' output can interleave 
     }))
 acc.wait_for_everyone()
 acc.end_training()
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)  # like toolkit.cli.finish: no interpreter teardown of DeepSpeed's gloo groups
 '''
 
 

@@ -332,3 +332,23 @@ def test_scoring_only_the_validation_split_needs_one(flag, good, tmp_path, capsy
                            *(["2"] if flag == "--pause-at-step" else [])), capsys)
     assert code == 2 and f"{flag} scores the validation split, and there is none" in err
     assert "--validation-fraction" in err and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- issue 21: compare's workers
+
+def test_compare_started_as_several_processes_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what accelerate launch / torchrun / srun give every process
+    code = run(compare_main, CompareConfig, "compare", ["--model", str(tmp_path / "m"), "--output-dir",
+                                                        str(tmp_path / "out")])
+    err = squash(capsys.readouterr().err)
+    assert code == 2 and squash("was started as several processes") in err and "--processes-per-run" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_folder_the_workers_cannot_lock_is_refused_before_any_run(good, tmp_path, capsys):
+    before = sorted(tmp_path.iterdir())
+    code = run(compare_main, CompareConfig, "compare", ["--model", str(tmp_path / "m"), "--train-file", good,
+                                                        "--cpu", "--output-dir", str(tmp_path / "good.parquet" / "o")])
+    err = squash(capsys.readouterr().err)
+    assert code == 2 and squash("the workers' folder") in err and squash("cannot be written") in err
+    assert "fix:" in err and "Traceback" not in err and sorted(tmp_path.iterdir()) == before

@@ -114,8 +114,8 @@ def script_flags(command: str) -> list[tuple[str, list[str]]]:
             script = m.group(1)
         elif m := re.fullmatch(r"(?:.*/)?bert-ft-(\w+)", word):
             script = m.group(1)
-        elif re.fullmatch(r"(?:.*/)?slurm/\w+\.sbatch", word):
-            script = "train"
+        elif m := re.fullmatch(r"(?:.*/)?slurm/(\w+)\.sbatch", word):
+            script = "compare" if m.group(1).startswith("compare") else "train"  # compare_array.sbatch
         elif word == "toolkit" and i > 0 and words[i - 1] == "-m" and i + 1 < len(words):
             script = words[i + 1]
         if script is None:
@@ -141,6 +141,7 @@ def test_the_command_reader_finds_scripts_and_flags():
     assert script_flags("accelerate launch --num_processes 4 launch/train.py --freeze last2 --lr=3e-4") == \
         [("train", ["--freeze", "--lr"])]
     assert script_flags("sbatch --gres=gpu:2 slurm/single_node.sbatch --task imdb") == [("train", ["--task"])]
+    assert script_flags("sbatch --array=0-3 slurm/compare_array.sbatch --lr-search") == [("compare", ["--lr-search"])]
     assert script_flags('echo "x" | python launch/predict.py --model m') == [("predict", ["--model"])]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "toolkit"
 # Lowest first: a module may import its own subpackage and the ones listed before it, never one after.
-LAYERS = ["core", "output", "policy", "data", "backends", "engine", "search", "report"]
+LAYERS = ["core", "output", "policy", "data", "backends", "engine", "search", "fanout", "report"]
 
 
 def module_name(path: Path) -> str:

@@ -158,8 +158,11 @@ def test_a_rerun_trains_nothing(searched):
     out, args = searched
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".journal"
               and p.parent != out}
+    ran = (out / "workers" / "history.jsonl").read_text()
     proc = python(*args)
-    assert "(reused)" in proc.stderr and "reused" in proc.stderr
+    err = " ".join(proc.stderr.split())
+    assert "10 search trial(s) already scored at their rung: reused" in err and "none (seed 0): finished run" in err
+    assert (out / "workers" / "history.jsonl").read_text() == ran  # no run started
     after = {p: p.stat().st_mtime_ns for p in stamps}
     assert after == stamps  # no trial or final run file was rewritten
 

@@ -1,6 +1,6 @@
 """SLURM support: toolkit.backends.cluster (pure parsing) and the sbatch templates on a real local cluster.
 
-The cluster tests start a throwaway SLURM cluster on this machine (tests/slurm_cluster.sh:
+The cluster tests start a throwaway SLURM cluster on this machine (conftest.py, tests/slurm_cluster.sh:
 slurmctld + two slurmd "nodes" n1, n2 + munge, from the distribution's packages) once per
 session, submit the templates from slurm/ unchanged apart from sbatch resource options and the
 CPU switch (TOOLKIT_CPU=N: N CPU processes per node instead of one per GPU), and tear the
@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import TORCH_DIST_VARS, Cluster
 
 from toolkit.backends.cluster import (
     ClusterEnv,
@@ -34,11 +34,7 @@ from toolkit.core.test_delays import STEP_DELAY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = ROOT / "slurm"
-HARNESS = ROOT / "tests" / "slurm_cluster.sh"
-TORCH_DIST_VARS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
-                   "MASTER_ADDR", "MASTER_PORT", "TOOLKIT_LAUNCHER"]
 TEMPLATES = ["single_node.sbatch", "multi_node.sbatch", "multi_node_deepspeed.sbatch"]
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 JOB_TIMEOUT = 480  # seconds for one job, requeues included
 
 # ------------------------------------------------------------------ toolkit.backends.cluster, pure parsing
@@ -198,55 +194,6 @@ def test_procs_per_node_without_gpus_explains(tmp_path):
 # ------------------------------------------------------------------ the real cluster
 
 
-@dataclass
-class Cluster:
-    base: Path
-    conf: Path
-
-    def env(self, **extra: str) -> dict:
-        # nothing from an enclosing job or launcher: the jobs must get their world from SLURM alone
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("SLURM_", "TORCHELASTIC_", "ACCELERATE_")) and k not in TORCH_DIST_VARS}
-        bindir = str(Path(sys.executable).parent)
-        env.update(
-            SLURM_CONF=str(self.conf), PATH=f"{bindir}:{env.get('PATH', '/usr/bin:/bin')}",
-            # the jobs use the interpreter running the tests: its venv, or (empty) python from PATH
-            VENV=sys.prefix if sys.prefix != sys.base_prefix else "",
-            TOOLKIT_DIR=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-            TOKENIZERS_PARALLELISM="false",
-        )
-        env.update(extra)
-        return env
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    base = Path(os.environ.get("TOOLKIT_SLURM_BASE", "/tmp/toolkit-slurm"))
-    env = {**os.environ, "SLURM_BASE": str(base), "SLURM_NODES": "2", "SLURM_CPUS": "2"}
-    why = None
-    if shutil.which("bash") is None:
-        why = "no bash"
-    else:
-        try:
-            up = subprocess.run(["bash", str(HARNESS), "up"], env=env, capture_output=True, text=True, timeout=900)
-            if up.returncode != 0:
-                lines = (up.stderr.strip() or up.stdout.strip() or "no output").splitlines()
-                why = f"tests/slurm_cluster.sh up exited {up.returncode}: {lines[-1]}"
-                if IN_CI:
-                    why += f"\n--- stdout\n{up.stdout[-3000:]}\n--- stderr\n{up.stderr[-3000:]}"
-        except subprocess.TimeoutExpired:
-            why = "tests/slurm_cluster.sh up timed out"
-    if why:
-        subprocess.run(["bash", str(HARNESS), "down"], env=env, capture_output=True, timeout=120)
-        if IN_CI:
-            pytest.fail(f"CI=true but the local SLURM cluster could not start: {why}")
-        pytest.skip(f"local SLURM cluster unavailable: {why}")
-    try:
-        yield Cluster(base, base / "slurm.conf")
-    finally:
-        subprocess.run(["bash", str(HARNESS), "down"], env=env, capture_output=True, timeout=300)
-
-
 # Small but real: at this size MiniLM (2 processes, 16 steps) predicts both classes, so comparing
 # predictions.csv means something (at --max-length 64 it still predicts one class).
 TRAIN_ARGS = ["--task", "imdb-subset", "--train-samples", "128", "--eval-samples", "40", "--max-length", "128",
@@ -286,7 +233,7 @@ class Job:
         return self.log_text()
 
 
-def submit(cluster: Cluster, workdir: Path, template: str, sbatch_opts: list[str], args: list[str], env: dict) -> Job:
+def submit(cluster, workdir: Path, template: str, sbatch_opts: list[str], args: list[str], env: dict) -> Job:
     """`sbatch --wait` a template from slurm/ as it is, from `workdir`, without waiting here."""
     workdir.mkdir(parents=True, exist_ok=True)
     job_name = re.search(r"^#SBATCH --job-name=(\S+)", (SLURM_DIR / template).read_text(), re.M).group(1)
@@ -458,3 +405,4 @@ def _logged_steps(path: Path) -> list[int]:
         if "loss" in rec and "step" in rec:
             steps.append(rec["step"])
     return steps
+

@@ -1,13 +1,14 @@
 """Train several freeze policies over several training seeds under identical settings, then report them.
 
-The orchestration only: summary.py computes the statistics, report.py writes report.md/json and
-chart.py draws report.png. Each (policy, seed) is an ordinary training run (toolkit.train.main) in
-OUTPUT_DIR/<policy folder>/seed-<seed>/, always started from the pretrained --model on the same data
+main() is the recipe: options checked -> the search planned (--lr-search) -> the final runs whose rate is
+known checked against finished ones -> comparison.json written -> the workers started and followed
+(workers.py) -> the report. Each (policy, seed) is an ordinary training run in OUTPUT_DIR/<policy
+folder>/seed-<seed>/, in a process of its own, always started from the pretrained --model on the same data
 rows (--data-seed), so runs of one seed differ only in what they freeze and runs of one policy only in
-their training seed. A run is finished iff its metrics.json exists (train.main writes it last).
-Finished runs are reused, so re-running the command after a failure, a preemption or with an extra
-policy or seed trains only what is missing; a finished run trained with other settings is refused
-rather than mixed into the table.
+their training seed. A run is finished iff its metrics.json exists (train.main writes it last). Finished
+runs are reused, so re-running the command after a failure, a preemption or with an extra policy or seed
+trains only what is missing; a finished run trained with other settings is refused rather than mixed into
+the table. stats.py computes the statistics, markdown.py writes report.md/json and chart.py report.png.
 """
 
 from __future__ import annotations
@@ -15,32 +16,31 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import gc
 import json
+import os
+import socket
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-from accelerate.utils import broadcast_object_list
+from accelerate.commands.config.config_args import default_config_file as accelerate_default_config_file
 from rich.console import Console
 
-from . import lr_search
-from .backends.accelerator import setup
+from . import launcher, lr_search, workers
+from .backends.precision import device_capability, resolve_mixed_precision
 from .core import exit_codes
 from .core.config import COUNT, NON_NEGATIVE, POSITIVE, SEED, Range, TrainConfig, option, save_json
 from .core.errors import ToolkitError
+from .fanout import claims, devices
 from .output import library_logs
 from .output.console import plain
-from .output.run_dir import shared_output_dir
 from .policy.policy import Policy
 from .report import markdown as report
 from .report import stats as summary
 from .search import grids
 from .search import study as studies
-from .train import main as train_main
 
 BASELINE = "none"  # the baseline of the paired differences when listed, else the first policy
 # Settings that change how a run is carried out or logged, not what it computes.
@@ -73,6 +73,16 @@ class CompareConfig(TrainConfig):
                               "every rung (1: every rate trains the whole budget)", COUNT)
     study_storage: Optional[str] = option(None, "with --lr-search: the Optuna journal file of the study (default: "
                                           "OUTPUT_DIR/search/study.journal)")
+    workers: Optional[int] = option(None, "worker processes that train the comparison's runs side by side, each run in "
+                                    "a fresh process (default: one per --processes-per-run GPUs, else 1)", COUNT)
+    processes_per_run: int = option(1, "processes of each run: on GPUs each worker owns this many and runs each run "
+                                    "under `accelerate launch` on them; on CPU a gloo group", COUNT)
+    threads_per_run: Optional[int] = option(None, "CPU threads of each run's process (default: the cores shared out "
+                                            "among the workers)", COUNT)
+    status: Optional[str] = option(None, "print what the comparison in this OUTPUT_DIR is doing (runs done, running, "
+                                   "pending, failed; the study) and exit; any node may ask")
+    report_only: Optional[str] = option(None, "write the report of the comparison in this OUTPUT_DIR from its runs' "
+                                        "files and exit (e.g. when the last worker of an array was cancelled)")
     # replaced by --policies; given anyway -> a clear error
     freeze: Optional[str] = option(None, argparse.SUPPRESS)
     layer_lr_decay: Optional[float] = option(None, argparse.SUPPRESS, Range(0, 1, low_open=True))
@@ -157,16 +167,6 @@ def search_plan(cfg: "CompareConfig", base: TrainConfig, policies: list[Policy],
             "policies": lr_search.grids_for(policies, overrides)}
 
 
-def run_dir(policy: Policy, seed: int) -> str:
-    return f"{policy.slug}/seed-{seed}"
-
-
-def run_config(base: TrainConfig, policy: Policy, seed: int, out: Path, lr: float | None = None) -> TrainConfig:
-    # deep copy: train.main may fill in fields, and no run may see another's changes
-    return dataclasses.replace(copy.deepcopy(base), **policy.config_fields(), seed=seed, lr=lr or base.lr,
-                               output_dir=str(out / run_dir(policy, seed)))
-
-
 def _mismatch(saved: dict, wanted: dict, defaults: dict, prefix: str = "",
               ignore: frozenset = frozenset()) -> list[str]:
     keys = (set(saved) | set(wanted)) - NOT_COMPARED - ignore
@@ -208,30 +208,11 @@ def plan(out: Path, runs: dict[tuple[str, int], TrainConfig], world_size: int) -
     return decisions
 
 
-def _or_error(compute):
-    """compute() on the main process; a ToolkitError is returned, to be raised on every rank after a broadcast."""
-    try:
-        return compute()
-    except ToolkitError as err:
-        return err
-
-
-def _checked_plan(cfg: "CompareConfig", base: TrainConfig, policies: list[Policy], search_seeds: list[int],
-                  world_size: int, out: Path, study_path: Path) -> dict:
-    studies.check_writable(study_path)
-    search = search_plan(cfg, base, policies, search_seeds, world_size)
-    lr_search.check_plan(out, search)
-    return search
-
-
-def _free_memory() -> None:
-    # the finished run's model and optimizer are garbage now; hand their GPU memory back
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def main(cfg: CompareConfig) -> int:
+    if cfg.status is not None:
+        return show_status(Path(cfg.status))
+    if cfg.report_only is not None:
+        return report_only(Path(cfg.report_only))
     if cfg.freeze is not None:
         raise ToolkitError("compare trains every policy in --policies; it does not take --freeze",
                            f"pass --policies {cfg.freeze} (or a list such as none,last2,head)")
@@ -240,6 +221,11 @@ def main(cfg: CompareConfig) -> int:
         if value is not None:
             raise ToolkitError(f"compare takes {flag} per policy, inside --policies",
                                "spell it in the list: last2+llrd0.9 (layer-wise lr decay), head>none@50 (gradual)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ToolkitError("compare was started as several processes (accelerate launch, torchrun, srun); it starts "
+                           "a fresh process for every run itself",
+                           "start it once (python launch/compare.py or bert-ft-compare) and give each run N processes "
+                           "with --processes-per-run N")
     policies = parse_policies(cfg.policies)
     seeds = parse_seeds(cfg)
     search_seeds = check_search_options(cfg, seeds)
@@ -248,111 +234,166 @@ def main(cfg: CompareConfig) -> int:
                            "pass --resume-from auto (or nothing) together with the same --output-dir")
     base = TrainConfig(**{f.name: copy.deepcopy(getattr(cfg, f.name)) for f in dataclasses.fields(TrainConfig)})
     base.lr = cfg.lr if cfg.lr is not None else TrainConfig.lr
-    accelerator = setup(cfg.cpu, cfg.mixed_precision, cfg.grad_accum, cfg.dist_timeout, cfg.tf32)
     # the search plan reads the data before any run does: the same quiet libraries as in a run
-    library_logs.configure(0 if cfg.quiet else 2 if cfg.verbose else 1, accelerator.is_main_process, False)
-    out = shared_output_dir(accelerator, cfg)
-    console = Console(stderr=True, highlight=False) if accelerator.is_main_process else None
-    chosen, search_record = {}, None
+    library_logs.configure(0 if cfg.quiet else 2 if cfg.verbose else 1, True, False)
+    device, slots = share_devices(cfg)
+    out = cfg.resolve_output_dir()
+    home = workers.folder(out)
+    claims.check_lockable(home)
+    search, study_path = None, None
     if search_seeds is not None:
         study_path = Path(cfg.study_storage) if cfg.study_storage else out / "search" / "study.journal"
-        planned = [_or_error(lambda: _checked_plan(cfg, base, policies, search_seeds, accelerator.num_processes, out,
-                                                study_path)) if accelerator.is_main_process else None]
-        broadcast_object_list(planned, from_process=0)
-        if isinstance(planned[0], ToolkitError):
-            raise planned[0]  # on every rank: bad input, nothing written
-        if accelerator.is_main_process:
-            (out / "search").mkdir(parents=True, exist_ok=True)
+        studies.check_writable(study_path)
+        search = search_plan(cfg, base, policies, search_seeds, cfg.processes_per_run)
+        lr_search.check_plan(out, search)
+    comp = workers.Comparison(out, base, policies, seeds, search, study_path, cfg.processes_per_run, device)
+    session = session_id()
+    known = workers.scan(comp, session)
+    # the final runs whose rate is known already: a finished one trained with other settings is refused
+    decisions = plan(out, {key: comp.config(unit) for key, unit in known.finals.items()}, cfg.processes_per_run)
+
+    # ---- every input is good: write the plan, start the workers, follow them
+    console = Console(stderr=True, highlight=False)
+    with claims.locked(home):
+        if search is not None:
             saved = out / "search" / "plan.json"
+            saved.parent.mkdir(parents=True, exist_ok=True)
             previous = json.loads(saved.read_text()) if saved.is_file() else {}
-            merged = {**planned[0], "policies": {**previous.get("policies", {}), **planned[0]["policies"]}}
+            merged = {**search, "policies": {**previous.get("policies", {}), **search["policies"]}}
             if merged != previous:  # a rerun rewrites nothing
                 save_json(saved, merged)
-        log = (lambda text: console.print(plain(text))) if console else (lambda text: None)
-        try:
-            search_record = lr_search.search(base, policies, planned[0], out, study_path, accelerator, log)
-        except lr_search.SearchStopped as stop:
-            return stop.code  # the trial checkpointed; a rerun goes on from there
-        chosen = {p["policy"]: p["chosen_lr"] for p in search_record["policies"]}
-        if accelerator.is_main_process:
-            save_json(out / "search.json", search_record)
-    # seed by seed: after the first seed the table already compares every policy, should the rest be cut short
-    runs = {(policy.spec, seed): run_config(base, policy, seed, out, chosen.get(policy.spec))
-            for seed in seeds for policy in policies if search_record is None or chosen[policy.spec] is not None}
-    decisions = [_or_error(lambda: plan(out, runs, accelerator.num_processes)) if accelerator.is_main_process
-                 else None]
-    broadcast_object_list(decisions, from_process=0)  # every rank must train the same runs in the same order
-    if isinstance(decisions[0], ToolkitError):
-        raise decisions[0]  # on every rank, so none is left waiting for the others
-    if accelerator.is_main_process:  # the report's folder: a run that fails to start removes only its own
-        out.mkdir(parents=True, exist_ok=True)
-    hardware = summary.describe_hardware(accelerator.device.type, accelerator.num_processes)
-
-    records = {(p.spec, seed): {"policy": p.spec, "seed": seed, "run_dir": run_dir(p, seed), "status": "not run",
-                                "error": None} for seed in seeds for p in policies}
-    for key, record in records.items():
-        if key not in runs:
-            record.update(status="skipped", error="every learning rate of its search diverged")
-    code = 0
-    for key, run_cfg in runs.items():
-        record, name = records[key], f"{key[0]} (seed {key[1]})"
-        if decisions[0][key] == "reuse":
-            record["status"] = "reused"
-            if console:
-                console.print(f"[green]{plain(name)}: finished run found in {plain(run_cfg.output_dir)}, "
-                              f"reused[/green]")
-            continue
-        try:
-            result = train_main(run_cfg)
-        except Exception as exc:  # one run failing must not cost the others theirs
-            record.update(status="failed", error=_describe(exc))
-            if console:
-                console.print(f"[bold red]{plain(name)} failed:[/bold red] {plain(record['error'])}")
-                if not isinstance(exc, ToolkitError):
-                    traceback.print_exc()
-            result = None
-        _free_memory()
-        if result in (exit_codes.PREEMPTED, exit_codes.INTERRUPTED):  # checkpointed; the rest wait for a rerun
-            record.update(status="interrupted", error="stopped by "
-                          + ("Ctrl-C" if result == exit_codes.INTERRUPTED else "a stop request") + "; checkpoint saved")
-            code = result
-            break
-        if result == 0:
-            record["status"] = "trained"
-            if accelerator.is_main_process:
-                save_json(Path(run_cfg.output_dir) / "hardware.json", {"hardware": hardware})
-        elif result is not None:
-            record.update(status="failed", error=f"training exited with status {result}")
-
-    if accelerator.is_main_process:
-        # in --policies order, each policy's seeds in --seeds order
-        ordered = [records[p.spec, s] for p in policies for s in seeds]
-        specs = [p.spec for p in policies]
-        baseline = BASELINE if BASELINE in specs else specs[0]
-        data = {**summary.collect(out, ordered, base.to_dict(), hardware, baseline, seeds), "search": search_record}
-        report.write_report(out, data)
-        from .report.chart import write_chart  # matplotlib loads only when a report is drawn
-
-        write_chart(data, out / "report.png")
-        drawn = [out / "report.md", out / "report.png", out / "report.json"]
-        if search_record is not None:
-            from .report.search import write_search_chart
-
-            write_search_chart(search_record, out / "search.png")
-            drawn += [out / "search.json", out / "search.png"]
-        print(f"\n{report.markdown(data)}\nreport: {', '.join(map(str, drawn))}", flush=True)
-        failed = [f"{r['policy']} (seed {r['seed']})" for r in ordered if r["status"] == "failed"]
-        if failed:
-            console.print(f"[bold red]{len(failed)} of {len(ordered)} runs failed: {plain(', '.join(failed))}[/bold "
-                          f"red] "
-                          "(see report.md)")
-    accelerator.wait_for_everyone()
-    if code:
-        return code
-    return exit_codes.SOME_RUNS_FAILED if any(r["status"] == "failed" for r in records.values()) else exit_codes.OK
+        comp.save()
+    for (spec, seed), decision in decisions.items():
+        if decision == "reuse":
+            console.print(f"[green]{plain(spec)} (seed {seed}): finished run found in "
+                          f"{plain(out / workers.run_dir(Policy.parse(spec), seed))}, reused[/green]")
+    if reused := len(known.done) - sum(d == "reuse" for d in decisions.values()):
+        console.print(f"[green]{reused} search trial(s) already scored at their rung: reused[/green]")
+    code = launcher.start(comp, slots, session, console)
+    with claims.locked(home):
+        state = workers.scan(comp, session)
+        wrote = write_outputs(comp, state, session, console)
+    return exit_status(code, state, wrote, console)
 
 
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, ToolkitError):
-        return f"{exc.problem} (fix: {exc.fix})" if exc.fix else exc.problem
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+def share_devices(cfg: CompareConfig) -> tuple[str, list[devices.Slot]]:
+    """The runs' device, checked as a run would check it (mixed precision), and each worker's share of it."""
+    cpu = cfg.cpu or not torch.cuda.is_available()
+    capability = None if cpu else device_capability()
+    resolve_mixed_precision(cfg.mixed_precision, os.environ, None, capability, Path(accelerate_default_config_file))
+    gpus = [] if cpu else devices.visible_gpus(torch.cuda.device_count())
+    return ("cpu" if cpu else "cuda"), devices.share(cfg.workers, cfg.processes_per_run, cfg.threads_per_run, gpus,
+                                                     devices.cores())
+
+
+def session_id() -> str:
+    """This compare's session: the runs that fail in it are not retried in it. An array's tasks (and their
+    requeues) share one; any other compare starts a new one, which retries them."""
+    if array := os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"slurm-array-{array}"
+    return f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
+
+
+def records(comp: workers.Comparison, state: workers.Scan, session: str) -> list[dict]:
+    """One record per final run (policy, seed), in --policies order then --seeds order, with how it ended."""
+    lines = workers.history(comp.out)
+    last = {line["run"]: line for line in lines}
+    trained_now = {line["run"] for line in lines if line["session"] == session and line["exit_code"] == 0}
+    found = []
+    for policy in comp.policies:
+        for seed in comp.seeds:
+            record = {"policy": policy.spec, "seed": seed, "run_dir": workers.run_dir(policy, seed),
+                      "status": "not run", "error": None, "worker": None, "host": None}
+            unit = state.finals.get((policy.spec, seed))
+            ran = last.get(unit.id) if unit else None
+            if ran is not None:
+                record.update(worker=ran["worker"], host=ran["host"])
+            if policy.spec in state.blocked:
+                why = state.blocked[policy.spec]
+                record.update(status="failed" if "failed" in why else "skipped", error=why)
+            elif unit is None:
+                record["error"] = "its learning-rate search has not finished"
+            elif unit.id in state.done:
+                record["status"] = "trained" if unit.id in trained_now else "reused"
+            elif unit.id in state.failed:
+                record.update(status="failed", error=state.failed[unit.id]["error"])
+            elif ran is not None and ran["exit_code"] in workers.STOPPED:
+                record.update(status="interrupted", error="stopped by " + (
+                    "Ctrl-C" if ran["exit_code"] == exit_codes.INTERRUPTED else "a stop request")
+                    + "; checkpoint saved")
+            found.append(record)
+    return found
+
+
+def write_outputs(comp: workers.Comparison, state: workers.Scan, session: str, console: Console) -> bool:
+    """report.md/.json/.png (and search.json/.png) from the runs' files; False while the search is unfinished."""
+    out, search_record = comp.out, None
+    if comp.search is not None:
+        walks = [state.walks[p.spec] for p in comp.policies]
+        if not all(w.done or w.policy.spec in state.blocked for w in walks):
+            console.print("[yellow]the learning-rate search has not finished: no report yet; rerun the same command "
+                          "to go on[/yellow]")
+            return False
+        failed = {spec: why for spec, why in state.blocked.items() if "failed" in why}
+        search_record = lr_search.search_record(walks, comp.search, comp.study, comp.device, comp.processes_per_run,
+                                                failed)
+        save_json(out / "search.json", search_record)
+    ordered = records(comp, state, session)
+    specs = [p.spec for p in comp.policies]
+    baseline = BASELINE if BASELINE in specs else specs[0]
+    hardware = summary.describe_hardware(comp.device, comp.processes_per_run)
+    data = {**summary.collect(out, ordered, comp.base.to_dict(), hardware, baseline, comp.seeds),
+            "search": search_record}
+    report.write_report(out, data)
+    from .report.chart import write_chart  # matplotlib loads only when a report is drawn
+
+    write_chart(data, out / "report.png")
+    drawn = [out / "report.md", out / "report.png", out / "report.json"]
+    if search_record is not None:
+        from .report.search import write_search_chart
+
+        write_search_chart(search_record, out / "search.png")
+        drawn += [out / "search.json", out / "search.png"]
+    print(f"\n{report.markdown(data)}\nreport: {', '.join(map(str, drawn))}", flush=True)
+    failed = [f"{r['policy']} (seed {r['seed']})" for r in ordered if r["status"] == "failed"]
+    if failed:
+        console.print(f"[bold red]{len(failed)} of {len(ordered)} runs failed: {plain(', '.join(failed))}[/bold red] "
+                      "(see report.md)")
+    return True
+
+
+def exit_status(code: int, state: workers.Scan, wrote: bool, console: Console) -> int:
+    if code in workers.STOPPED:
+        return code  # checkpointed; the rest waits for a rerun (a requeue under SLURM)
+    if not state.complete or not wrote:
+        console.print(f"[bold red]{len(state.ready)} run(s) are still to do and no worker is left[/bold red] "
+                      "(see the messages above); rerunning the same command resumes them")
+        return exit_codes.SOME_RUNS_FAILED
+    return exit_codes.SOME_RUNS_FAILED if state.failed or any("failed" in w for w in state.blocked.values()) \
+        else exit_codes.OK
+
+
+def _last_session(out: Path) -> str:
+    lines = workers.history(out)
+    return lines[-1]["session"] if lines else ""
+
+
+def show_status(out: Path) -> int:
+    comp = workers.Comparison.load(out)
+    state = workers.scan(comp, _last_session(out))
+    console = Console(highlight=False)
+    for line in launcher.summary(comp, state):
+        console.print(plain(line))
+    return exit_codes.OK
+
+
+def report_only(out: Path) -> int:
+    comp = workers.Comparison.load(out)
+    console = Console(stderr=True, highlight=False)
+    with claims.locked(workers.folder(out)):
+        state = workers.scan(comp, _last_session(out))
+        if state.running:
+            console.print(f"[yellow]{len(state.running)} run(s) still running: the report shows them as not run"
+                          "[/yellow]")
+        wrote = write_outputs(comp, state, _last_session(out), console)
+    return exit_codes.OK if wrote else exit_codes.SOME_RUNS_FAILED

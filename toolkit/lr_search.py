@@ -1,13 +1,14 @@
-"""`compare --lr-search`, the search that compare.py runs: each policy at its own learning rate, chosen on the
-validation split.
+"""`compare --lr-search`: each policy at its own learning rate, chosen on the validation split.
 
 For each policy, every rate of its grid is an arm; each arm trains with the search seeds on the training
 rows minus the validation split, and is scored on the validation split only (its runs are started with
 --no-score-test: the test rows are never even loaded). Successive halving (halving.py) stops the weaker
 arms at the rungs; a survivor resumes from its rung checkpoint with the toolkit's exact resume, on a
 learning-rate schedule that spans the whole budget from its first step. The study (study.py) records it
-all. Trials live in OUTPUT_DIR/search/<policy>/lr-<rate>/seed-<seed>/; a finished rung is never
-trained again, so a rerun after a kill, a preemption or with an extra policy trains only what is missing.
+all. Trials live in OUTPUT_DIR/search/<policy>/lr-<rate>/seed-<seed>/. walk() replays the halving on what
+their files hold and names the trials due next; the workers (workers.py) train them, each in a process of
+its own, any number at once. A finished rung is never trained again, so a rerun after a kill, a
+preemption or with an extra policy trains only what is missing.
 """
 
 from __future__ import annotations
@@ -20,18 +21,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from accelerate.utils import broadcast_object_list
-
-from .core import exit_codes
-from .core.config import TrainConfig, save_json
-from .core.errors import RunFailed, ToolkitError
+from .core.config import TrainConfig
+from .core.errors import ToolkitError
 from .data.dataset import build_splits, split_validation
 from .engine.loop import optimizer_steps
 from .policy.policy import Policy
 from .search import halving
 from .search import study as studies
 from .search.grids import default_grid
-from .train import main as train_main
 
 
 @dataclass(frozen=True)
@@ -93,33 +90,6 @@ def trial_result(folder: Path, step: int, budget: int) -> dict | None:
     return {"diverged": True, **diverged} if diverged is not None and diverged["rung"] <= step else None
 
 
-def run_trial(base: TrainConfig, arm: Arm, out: Path, step: int, budget: int, is_main: bool = True) -> dict:
-    """Train one arm with one seed up to `step` (resuming from its last checkpoint) and return its result.
-    A function of its arguments and the trial's folder only: any process, on any machine, may run it."""
-    folder = arm.folder(out)
-    found = [trial_result(folder, step, budget) if is_main else None]
-    broadcast_object_list(found, from_process=0)
-    if found[0] is not None:
-        return {**found[0], "reused": True}
-    try:
-        code = train_main(trial_config(base, arm, out, step, budget))
-    except RunFailed as err:
-        if err.exit_code != exit_codes.DIVERGED:
-            raise
-        if is_main:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_json(folder / "diverged.json", {"rung": step, "error": err.problem})
-        code = exit_codes.OK
-    if code in (exit_codes.PREEMPTED, exit_codes.INTERRUPTED):
-        raise SearchStopped(code)
-    found = [trial_result(folder, step, budget) if is_main else None]
-    broadcast_object_list(found, from_process=0)
-    if code != exit_codes.OK or found[0] is None:
-        raise ToolkitError(f"the trial in {folder} ended with status {code} and no score at step {step}",
-                           "see its messages above; rerunning the command retries it")
-    return {**found[0], "reused": False}
-
-
 def check_plan(out: Path, plan: dict) -> None:
     """A rerun must search the same way: the same settings, seeds, halving, budget and grids for the policies
     searched before (new policies may be added)."""
@@ -135,54 +105,91 @@ def check_plan(out: Path, plan: dict) -> None:
                            "use the same options as before, or a new --output-dir")
 
 
-def search(base: TrainConfig, policies: list[Policy], plan: dict, out: Path, study_path: Path, accelerator,
-           log) -> dict:
-    """Search every policy's grid with successive halving; returns search.json's content, with chosen rates."""
-    is_main = accelerator.is_main_process
-    study = studies.open_study(study_path) if is_main else None
-    seeds, eta, budget = plan["search_seeds"], plan["eta"], plan["budget_steps"]
-    record = {"eta": eta, "budget_steps": budget, "search_seeds": seeds, "study": str(study_path),
-              "device": accelerator.device.type, "world_size": accelerator.num_processes, "policies": []}
-    for policy in policies:
-        grid = plan["policies"][policy.spec]["grid"]
-        rungs = halving.rung_steps(budget, len(grid), eta)
-        alive, by_rung, results, trials = list(grid), [], {}, {}
-        for step in rungs:
-            scores = {}
-            for lr in alive:
-                per_seed = []
-                for seed in seeds:
-                    arm = Arm(policy, lr, seed)
-                    result = run_trial(base, arm, out, step, budget, is_main)
-                    per_seed.append(result)
-                    results[lr, seed] = (step, result)
-                    if is_main:
-                        trials[lr, seed] = studies.arm_trial(study, policy.spec, lr, seed, tuple(grid))
-                        studies.report_rung(study, trials[lr, seed], step, result.get("validation_f1"))
-                scores[lr] = halving.arm_score(per_seed)
-                log(f"search {policy.spec} lr {lr:g} step {step}/{budget}: " + (
-                    "diverged" if scores[lr].diverged else f"validation F1 {scores[lr].f1:.4f}"
-                    + (" (one class predicted)" if scores[lr].degenerate else ""))
-                    + (" (reused)" if all(r["reused"] for r in per_seed) else ""))
-            by_rung.append(scores)
-            if step != rungs[-1]:
-                alive = halving.promote(scores, eta)
-        chosen = halving.choose(by_rung)
-        if is_main:
-            for (lr, seed), (step, result) in results.items():
-                outcome = ("diverged" if result.get("diverged") else "complete" if step >= budget else "pruned")
-                studies.finish(study, trials[lr, seed], outcome, result.get("validation_f1"))
-                if outcome == "pruned":  # its rung score is on file; its weights will never train again
-                    shutil.rmtree(Arm(policy, lr, seed).folder(out) / "checkpoints", ignore_errors=True)
-        record["policies"].append(policy_record(policy, plan["policies"][policy.spec], rungs, by_rung, results,
-                                                chosen, budget))
-        log(f"search {policy.spec}: " + (f"lr {chosen:g} chosen" if chosen is not None
-                                          else "every learning rate diverged; no final runs"))
+@dataclass
+class Walk:
+    """Where one policy's search stands, read from its trials' folders: the rungs scored so far, and the trials
+    to train next (none once the policy is decided)."""
+
+    policy: Policy
+    rungs: list[int]
+    found: list[dict]  # per rung reached: {(lr, seed): trial_result or None (not there yet)}
+    by_rung: list[dict]  # per rung complete: {lr: halving.Score}
+    missing: list[tuple[Arm, int]]  # (arm, rung step) to train now; they may all train at once
+    chosen: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return len(self.by_rung) == len(self.rungs)
+
+    def last_results(self) -> dict[tuple[float, int], tuple[int, dict]]:
+        """(lr, seed) -> (step, result) at the last rung the trial has a result for."""
+        last = {}
+        for step, found in zip(self.rungs, self.found):
+            last.update({key: (step, result) for key, result in found.items() if result is not None})
+        return last
+
+
+def walk(policy: Policy, plan: dict, out: Path) -> Walk:
+    """Successive halving replayed on the trials' files: every decision a pure function of what they hold, so
+    any worker on any machine reaches the same ones, and a killed search goes on where its files end."""
+    grid, seeds, eta, budget = plan["policies"][policy.spec]["grid"], plan["search_seeds"], plan["eta"], \
+        plan["budget_steps"]
+    rungs = halving.rung_steps(budget, len(grid), eta)
+    state = Walk(policy, rungs, [], [], [])
+    alive = list(grid)
+    for i, step in enumerate(rungs):
+        found = {(lr, seed): trial_result(Arm(policy, lr, seed).folder(out), step, budget)
+                 for lr in alive for seed in seeds}
+        state.found.append(found)
+        state.missing = [(Arm(policy, lr, seed), step) for (lr, seed), result in found.items() if result is None]
+        if state.missing:
+            return state
+        scores = {lr: halving.arm_score([found[lr, seed] for seed in seeds]) for lr in alive}
+        state.by_rung.append(scores)
+        if i < len(rungs) - 1:
+            alive = halving.promote(scores, eta)
+    state.chosen = halving.choose(state.by_rung)
+    return state
+
+
+def sync_study(study, state: Walk, grid: list[float], budget: int, out: Path) -> None:
+    """Record in the study what the files say (idempotent: a rerun or another worker adds only what is new);
+    once the policy is decided, close its trials and drop the pruned arms' checkpoints."""
+    spec = state.policy.spec
+    for step, found in zip(state.rungs, state.found):
+        for (lr, seed), result in found.items():
+            if result is not None:
+                number = studies.arm_trial(study, spec, lr, seed, tuple(grid))
+                studies.report_rung(study, number, step, result.get("validation_f1"))
+    if not state.done:
+        return
+    for (lr, seed), (step, result) in state.last_results().items():
+        outcome = "diverged" if result.get("diverged") else "complete" if step >= budget else "pruned"
+        studies.finish(study, studies.arm_trial(study, spec, lr, seed, tuple(grid)), outcome,
+                       result.get("validation_f1"))
+        if outcome == "pruned":  # its rung score is on file; its weights will never train again
+            shutil.rmtree(Arm(state.policy, lr, seed).folder(out) / "checkpoints", ignore_errors=True)
+
+
+def search_record(walks: list[Walk], plan: dict, study_path: Path, device: str, world_size: int,
+                  failed: dict[str, str]) -> dict:
+    """search.json: every policy's arms, rungs, choice and cost; `failed` names the policies whose search
+    stopped on a failed trial (spec -> error)."""
+    budget = plan["budget_steps"]
+    record = {"eta": plan["eta"], "budget_steps": budget, "search_seeds": plan["search_seeds"],
+              "study": str(study_path), "device": device, "world_size": world_size, "policies": []}
+    for state in walks:
+        grid = plan["policies"][state.policy.spec]
+        results = state.last_results()
+        chosen = state.chosen if state.done else None
+        entry = policy_record(state.policy, grid, state.rungs, state.by_rung, results, chosen, budget)
+        if state.policy.spec in failed:
+            entry["status"] = f"search failed: {failed[state.policy.spec]}"
+        record["policies"].append(entry)
     totals = [p["cost_s"] for p in record["policies"]], [p["full_grid_cost_s"] for p in record["policies"]]
     record.update(rungs=sorted({step for p in record["policies"] for step in p["rungs"]}), cost_s=sum(totals[0]),
                   full_grid_cost_s=sum(totals[1]), saved_s=sum(totals[1]) - sum(totals[0]),
-                  gpu_hours=(sum(totals[0]) * accelerator.num_processes / 3600
-                             if accelerator.device.type == "cuda" else None))
+                  gpu_hours=sum(totals[0]) * world_size / 3600 if device == "cuda" else None)
     return record
 
 
@@ -191,6 +198,8 @@ def policy_record(policy: Policy, grid: dict, rungs: list[int], by_rung: list[di
     arms = []
     for lr in grid["grid"]:
         reached = [(rungs[i], scores[lr]) for i, scores in enumerate(by_rung) if lr in scores]
+        if not reached:  # a search stopped by a failed trial before this rate was scored
+            continue
         step, score = reached[-1]
         seeds = [(seed, r) for (rate, seed), (_, r) in results.items() if rate == lr]
         train_s = sum(r.get("train_s", 0.0) for _, r in seeds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -12,6 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+PROGRESS_FILE_ENV = "TOOLKIT_PROGRESS_FILE"  # where _Bar writes {step, total, time}, when set
 
 
 def plain(text: object) -> str:
@@ -98,21 +101,39 @@ class RunLog:
 
     @contextmanager
     def progress(self, total: int, completed: int = 0) -> Iterator["_Bar"]:
+        # A comparison's worker names a file here to follow its run (step, total) without reading its output.
+        follow = os.environ.get(PROGRESS_FILE_ENV) if self.is_main else None
         if not self.is_main or self.verbosity < 1:
-            yield _Bar(None, None)
+            yield _Bar(None, None, follow, total, completed)
             return
         columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=self.console, transient=False) as bar:
             task = bar.add_task("train", total=total, completed=completed, info="")
-            yield _Bar(bar, task)
+            yield _Bar(bar, task, follow, total, completed)
 
 
 class _Bar:
-    def __init__(self, bar: Progress | None, task):
+    def __init__(self, bar: Progress | None, task, follow: str | None = None, total: int = 0, completed: int = 0):
         self.bar, self.task = bar, task
+        self.follow, self.total, self.completed, self._written = follow, total, completed, 0.0
+        self._write()
+
+    def _write(self) -> None:
+        if self.follow is None:
+            return
+        now = time.time()
+        if now - self._written < 1.0 and self.completed < self.total:
+            return  # at most once a second
+        self._written = now
+        tmp = f"{self.follow}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"step": self.completed, "total": self.total, "time": now}, fh)
+        os.replace(tmp, self.follow)
 
     def update(self, advance: int, **info: float) -> None:
+        self.completed += advance
+        self._write()
         if self.bar is None:
             return
         text = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())

@@ -139,12 +139,8 @@ def markdown(report: dict) -> str:
                    "given beside them."),
               ("Peak memory: " + (", ".join(report["memory_kinds"]) or "not recorded") +
                ", the largest over the run's processes and seeds, counted from the start of each run; optimizer "
-               "state: bytes of the optimizer's state tensors (AdamW moments) on one process." +
-               # the RSS peak is reset per run, but to the RSS the process already holds then
-               (" Compare trains its runs one after another in one process, so a CPU run's peak RSS also holds what "
-                "that process kept from earlier runs (the allocator does not hand all of it back): compare RSS "
-                "between runs in fresh processes (benchmarks/policies.py) before reading it as a policy's cost."
-                if any(k.startswith("CPU") for k in report["memory_kinds"]) else ""))]
+               "state: bytes of the optimizer's state tensors (AdamW moments) on one process. Every run is a "
+               "process of its own, so its peak is its own, not what earlier runs left behind.")]
     if reference:
         lines.append("The last column quotes the figures the seed experiments published (bert-base-cased on one T4 "
                      "GPU, the full preset subset) for reference; they were not measured here.")
