@@ -18,8 +18,6 @@ from .output.console import plain
 
 
 def run(main: Callable[[object], int], config_cls: type, description: str, argv: list[str] | None = None) -> int:
-    # A native crash (a library's abort, a segfault) then prints every thread's Python stack, not only a signal
-    faulthandler.enable()
     try:
         return main(parse_args(config_cls, argv, description))  # parsing checks every option's range
     except (ToolkitError, RunFailed) as err:
@@ -45,7 +43,14 @@ def report_error(problem: str, fix: str | None) -> None:
 
 
 def launch(main: Callable[[object], int], config_cls: type, description: str) -> None:
+    show_native_crashes()
     finish(run(main, config_cls, description))
+
+
+def show_native_crashes() -> None:
+    """A native crash (a library's abort, a segfault) then prints every thread's Python stack, not only a signal."""
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
 
 
 def finish(code: int) -> NoReturn:

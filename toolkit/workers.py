@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import lr_search
-from .cli import finish, report_error
+from .cli import finish, report_error, show_native_crashes
 from .core import exit_codes
 from .core.config import DataConfig, TrainConfig, check_ranges, save_json
 from .core.errors import RunFailed, ToolkitError
@@ -421,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("config", type=Path)
     one.add_argument("result", type=Path)
     args = parser.parse_args(argv)
+    show_native_crashes()
     if args.command == "run-config":
         cfg = config_from_dict(json.loads(args.config.read_text()))
         check_ranges(cfg)
