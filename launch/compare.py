@@ -12,7 +12,7 @@ Exit status: 0 all policies finished, 1 some failed (see the report), 2 bad inpu
 """
 
 from toolkit.cli import launch
-from toolkit.compare import CompareConfig, main
+from toolkit.core.config import CompareConfig
 
 if __name__ == "__main__":
-    launch(main, CompareConfig, __doc__)
+    launch("toolkit.compare", CompareConfig, __doc__)

@@ -10,7 +10,6 @@
 
 from toolkit.cli import launch
 from toolkit.core.config import EvalConfig
-from toolkit.evaluate import main
 
 if __name__ == "__main__":
-    launch(main, EvalConfig, __doc__)
+    launch("toolkit.evaluate", EvalConfig, __doc__)

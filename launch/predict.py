@@ -6,7 +6,7 @@
 """
 
 from toolkit.cli import launch
-from toolkit.predict import PredictConfig, main
+from toolkit.core.config import PredictConfig
 
 if __name__ == "__main__":
-    launch(main, PredictConfig, __doc__)
+    launch("toolkit.predict", PredictConfig, __doc__)

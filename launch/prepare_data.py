@@ -10,7 +10,6 @@ Needs only the model's tokenizer and config (no weights) and no GPU.
 
 from toolkit.cli import launch
 from toolkit.core.config import PrepareConfig
-from toolkit.prepare import main
 
 if __name__ == "__main__":
-    launch(main, PrepareConfig, __doc__)
+    launch("toolkit.prepare", PrepareConfig, __doc__)

@@ -6,7 +6,6 @@
 
 from toolkit.cli import launch
 from toolkit.core.config import TrainConfig
-from toolkit.train import main
 
 if __name__ == "__main__":
-    launch(main, TrainConfig, __doc__)
+    launch("toolkit.train", TrainConfig, __doc__)

@@ -17,7 +17,6 @@ from toolkit.backends import preemption
 from toolkit.cli import launch
 from toolkit.core.config import TrainConfig
 from toolkit.engine import loop
-from toolkit.train import main
 
 if __name__ == "__main__":
     press_at = int(sys.argv.pop(1))
@@ -42,4 +41,4 @@ if __name__ == "__main__":
 
     preemption.StopRequest._handle = noting
     loop._step_totals = pressing
-    launch(main, TrainConfig, "train, pressing Ctrl-C during one step")
+    launch("toolkit.train", TrainConfig, "train, pressing Ctrl-C during one step")

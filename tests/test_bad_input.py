@@ -352,3 +352,30 @@ def test_an_output_folder_the_workers_cannot_lock_is_refused_before_any_run(good
     err = squash(capsys.readouterr().err)
     assert code == 2 and squash("the workers' folder") in err and squash("cannot be written") in err
     assert "fix:" in err and "Traceback" not in err and sorted(tmp_path.iterdir()) == before
+
+
+LAUNCH_SCRIPTS = ["train", "evaluate", "predict", "compare", "prepare_data", "bundle"]
+# Run as a program, then report what it loaded: the status it exited with and whether torch / transformers
+# were imported by then.
+LOADED = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exc:
+    print("exit", exc.code, "loaded", sorted({"torch", "transformers", "datasets"} & set(sys.modules)))
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--no-such-option"], ["--max-length", "0"]],
+                         ids=["help", "unknown option", "out of range"])
+def test_help_and_a_bad_option_answer_before_torch_loads(args, tmp_path):
+    """--help and a bad flag or range answer at once: the command's module (torch, transformers, datasets:
+    10-20 s to import on a small CPU) loads only after its options parse."""
+    for script in LAUNCH_SCRIPTS:
+        argv = ["--python-version", "three"] if script == "bundle" and args[0] == "--max-length" else args
+        proc = python("-c", LOADED, f"launch/{script}.py", *argv, "--output-dir", str(tmp_path / script),
+                      check=False)
+        code = 0 if args == ["--help"] else 2
+        assert f"exit {code} loaded []" in proc.stdout, (script, proc.stdout[-500:], proc.stderr[-2000:])
+    assert not list(tmp_path.iterdir())

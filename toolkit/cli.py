@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import faulthandler
+import importlib
 import logging
 import os
 import sys
 from typing import Callable, NoReturn
 
-import torch
 from rich.console import Console
 
 from .core import exit_codes
@@ -42,9 +42,14 @@ def report_error(problem: str, fix: str | None) -> None:
             console.print(f"[bold]fix:[/bold] {plain(fix)}")
 
 
-def launch(main: Callable[[object], int], config_cls: type, description: str) -> None:
+def launch(command: str, config_cls: type, description: str) -> None:
+    """Run `main(cfg)` of the module `command` (e.g. "toolkit.train") as a program.
+
+    The module is imported only once the arguments parse: --help and a bad option answer in about a second,
+    not after torch and transformers have loaded (10-20 s on a small CPU).
+    """
     show_native_crashes()
-    finish(run(main, config_cls, description))
+    finish(run(lambda cfg: importlib.import_module(command).main(cfg), config_cls, description))
 
 
 def show_native_crashes() -> None:
@@ -58,7 +63,8 @@ def finish(code: int) -> NoReturn:
 
     Here, not in main(): a script may run several trainings in one process group (compare.py).
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    torch = sys.modules.get("torch")  # not imported: no process group either
+    if torch is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         sys.exit(code)
     torch.distributed.destroy_process_group()
     # Every output is written and closed by now. The interpreter's teardown of what DeepSpeed ZeRO-3 keeps

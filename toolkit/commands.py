@@ -19,29 +19,37 @@ from .core import exit_codes
 def train() -> None:
     """Fine-tune a BERT-class classifier (bert-ft-train --help lists every option)."""
     from .core.config import TrainConfig
-    from .train import main
 
-    launch(main, TrainConfig, "Fine-tune a BERT-class classifier (bert-ft-train, python -m toolkit train).")
+    launch("toolkit.train", TrainConfig, "Fine-tune a BERT-class classifier (bert-ft-train, python -m toolkit train).")
 
 
 def evaluate() -> None:
     from .core.config import EvalConfig
-    from .evaluate import main
 
-    launch(main, EvalConfig, "Score a trained model on an eval set (bert-ft-evaluate, python -m toolkit evaluate).")
+    launch("toolkit.evaluate", EvalConfig,
+           "Score a trained model on an eval set (bert-ft-evaluate, python -m toolkit evaluate).")
 
 
 def predict() -> None:
-    from .predict import PredictConfig, main
+    from .core.config import PredictConfig
 
-    launch(main, PredictConfig, "Classify texts with a trained model (bert-ft-predict, python -m toolkit predict).")
+    launch("toolkit.predict", PredictConfig,
+           "Classify texts with a trained model (bert-ft-predict, python -m toolkit predict).")
 
 
 def compare() -> None:
-    from .compare import CompareConfig, main
+    from .core.config import CompareConfig
 
-    launch(main, CompareConfig, "Train several freeze policies and write a comparison report "
-                                "(bert-ft-compare, python -m toolkit compare).")
+    launch("toolkit.compare", CompareConfig,
+           "Train several freeze policies and write a comparison report (bert-ft-compare, python -m toolkit compare).")
+
+
+def bundle() -> None:
+    from .bundle import BundleConfig
+
+    launch("toolkit.bundle", BundleConfig,
+           "Write a folder a node without network trains from: wheels, tokenizer, data, run.sh "
+           "(bert-ft-bundle, python -m toolkit bundle).")
 
 
 def plot(argv: list[str] | None = None) -> None:
@@ -56,7 +64,8 @@ def plot(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict, "compare": compare, "plot": plot}
+COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict, "compare": compare, "plot": plot,
+            "bundle": bundle}
 
 
 def dispatch() -> None:

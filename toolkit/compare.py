@@ -13,16 +13,13 @@ the table. stats.py computes the statistics, markdown.py writes report.md/json a
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
 import os
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from accelerate.commands.config.config_args import default_config_file as accelerate_default_config_file
@@ -31,7 +28,7 @@ from rich.console import Console
 from . import launcher, lr_search, workers
 from .backends.precision import device_capability, resolve_mixed_precision
 from .core import exit_codes
-from .core.config import COUNT, NON_NEGATIVE, POSITIVE, SEED, Range, TrainConfig, option, save_json
+from .core.config import SEED, CompareConfig, TrainConfig, save_json
 from .core.errors import ToolkitError
 from .fanout import claims, devices
 from .output import library_logs
@@ -49,50 +46,6 @@ NOT_COMPARED = {"output_dir", "resume_from", "stop_file", "log_every", "checkpoi
 # The --lora-* settings change only LoRA runs: a list's `none` run stays reusable when --lora-r changes.
 POLICY_FIELDS = {"freeze", "layer_lr_decay", "unfreeze_every", "unfreeze_to"}
 LORA_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("lora_"))
-
-
-@dataclass
-class CompareConfig(TrainConfig):
-    policies: str = option("none,last2,head", "comma-separated policies to train one after another: none, head, lastN, "
-                           "lora (with the --lora-* settings), +llrdF for layer-wise lr decay (last2+llrd0.9), "
-                           "START>TARGET@N for gradual unfreezing every N steps (head>none@50); 'none' (else the first "
-                           "one listed) is the baseline for the paired F1 change and speed-up")
-    seeds: Optional[str] = option(None, "comma-separated training seeds, every policy trained once per seed (e.g. "
-                                  "42,43,44; default: --seed alone); the data rows stay those of --data-seed")
-    repeats: Optional[int] = option(None, "train every policy with K seeds: --seed, --seed+1, ..., --seed+K-1", COUNT)
-    lr: Optional[float] = option(None, "one peak learning rate for every policy (default 2e-5); with --lr-search each "
-                                 "policy gets its own instead", POSITIVE)
-    lr_search: bool = option(False, "choose each policy's learning rate on the validation split (needs "
-                             "--validation-fraction): a grid per policy, successive halving, an Optuna study; then "
-                             "the final runs over --seeds at the chosen rates (see docs/experiments.md)")
-    lr_grid: Optional[list] = option(None, "with --lr-search: POLICY=LR,LR,... replaces that policy's default grid "
-                                     "(repeatable, e.g. --lr-grid lora=1e-4,3e-4,1e-3)", action="append", type=str)
-    search_seeds: Optional[str] = option(None, "with --lr-search: comma-separated seeds every arm trains with; an "
-                                         "arm's score is their median validation F1 (default: the first of --seeds)")
-    halving_eta: int = option(3, "with --lr-search: successive halving keeps the best 1/eta of a policy's rates at "
-                              "every rung (1: every rate trains the whole budget)", COUNT)
-    study_storage: Optional[str] = option(None, "with --lr-search: the Optuna journal file of the study (default: "
-                                          "OUTPUT_DIR/search/study.journal)")
-    workers: Optional[int] = option(None, "worker processes that train the comparison's runs side by side, each run in "
-                                    "a fresh process (default: one per --processes-per-run GPUs, else 1)", COUNT)
-    processes_per_run: int = option(1, "processes of each run: on GPUs each worker owns this many and runs each run "
-                                    "under `accelerate launch` on them; on CPU a gloo group", COUNT)
-    threads_per_run: Optional[int] = option(None, "CPU threads of each run's process (default: the cores shared out "
-                                            "among the workers)", COUNT)
-    status: Optional[str] = option(None, "print what the comparison in this OUTPUT_DIR is doing (runs done, running, "
-                                   "pending, failed; the study) and exit; any node may ask")
-    report_only: Optional[str] = option(None, "write the report of the comparison in this OUTPUT_DIR from its runs' "
-                                        "files and exit (e.g. when the last worker of an array was cancelled)")
-    # replaced by --policies; given anyway -> a clear error
-    freeze: Optional[str] = option(None, argparse.SUPPRESS)
-    layer_lr_decay: Optional[float] = option(None, argparse.SUPPRESS, Range(0, 1, low_open=True))
-    unfreeze_every: Optional[int] = option(None, argparse.SUPPRESS, NON_NEGATIVE)
-    unfreeze_to: Optional[str] = option(None, argparse.SUPPRESS)
-
-    def resolve_output_dir(self) -> Path:
-        if self.output_dir is None:
-            self.output_dir = f"runs/compare-{self.data.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-        return Path(self.output_dir)
 
 
 def parse_policies(text: str) -> list[Policy]:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -21,27 +19,15 @@ import torch
 from rich.console import Console
 from transformers.utils import logging as hf_logging
 
-from .core.config import COUNT, option
+from .core.config import PredictConfig
 from .core.errors import ToolkitError
 from .data.dataset import resolve_max_length
-from .engine.load import LAYOUTS, load_saved
+from .engine.load import load_saved
 from .output.console import plain
 
 TABLE_FORMATS = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True),
                  ".json": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}
 OUTPUT_FORMATS = (".csv", ".jsonl")
-
-
-@dataclass
-class PredictConfig:
-    model: str = option(None, f"trained model: {LAYOUTS}", required=True)
-    input: str = option("-", "texts: .txt (one per line), .csv, .jsonl, .parquet, or '-' for one per line on stdin")
-    output: Optional[str] = option(None, "result file, .csv or .jsonl (default: JSON Lines on stdout)")
-    text_column: str = option("text", "text column of a .csv / .jsonl / .parquet input")
-    batch_size: int = option(32, "texts per forward pass", COUNT)
-    max_length: Optional[int] = option(None, "truncate to this many tokens (default: what the model was trained with)",
-                                       COUNT)
-    cpu: bool = option(False, "run on CPU even if a GPU is visible")
 
 
 def read_texts(source: str, column: str) -> list[tuple[int, str]]:

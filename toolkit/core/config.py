@@ -21,6 +21,7 @@ from .errors import ToolkitError
 DEFAULT_MODEL = "bert-base-cased"
 DEFAULT_DIST_TIMEOUT_S = 1800  # the main process group: any collective that waits longer is a hang
 DEFAULT_DATA_TIMEOUT_S = 6 * 3600  # rank 0 loading and tokenizing while the others wait
+LAYOUTS = "a run folder, its model/ folder, or a checkpoints/step-N folder"  # what --model of evaluate/predict takes
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,66 @@ class EvalConfig:
 class PrepareConfig:
     model: str = option(DEFAULT_MODEL, "the model the training run will use (only its tokenizer and config are read)")
     data: DataConfig = field(default_factory=DataConfig)
+
+
+# The options of compare and predict live here too, beside the others: a command's --help and its bad
+# options answer before the command's own module (torch, transformers) loads.
+@dataclass
+class CompareConfig(TrainConfig):
+    policies: str = option("none,last2,head", "comma-separated policies to train one after another: none, head, lastN, "
+                           "lora (with the --lora-* settings), +llrdF for layer-wise lr decay (last2+llrd0.9), "
+                           "START>TARGET@N for gradual unfreezing every N steps (head>none@50); 'none' (else the first "
+                           "one listed) is the baseline for the paired F1 change and speed-up")
+    seeds: Optional[str] = option(None, "comma-separated training seeds, every policy trained once per seed (e.g. "
+                                  "42,43,44; default: --seed alone); the data rows stay those of --data-seed")
+    repeats: Optional[int] = option(None, "train every policy with K seeds: --seed, --seed+1, ..., --seed+K-1", COUNT)
+    lr: Optional[float] = option(None, "one peak learning rate for every policy (default 2e-5); with --lr-search each "
+                                 "policy gets its own instead", POSITIVE)
+    lr_search: bool = option(False, "choose each policy's learning rate on the validation split (needs "
+                             "--validation-fraction): a grid per policy, successive halving, an Optuna study; then "
+                             "the final runs over --seeds at the chosen rates (see docs/experiments.md)")
+    lr_grid: Optional[list] = option(None, "with --lr-search: POLICY=LR,LR,... replaces that policy's default grid "
+                                     "(repeatable, e.g. --lr-grid lora=1e-4,3e-4,1e-3)", action="append", type=str)
+    search_seeds: Optional[str] = option(None, "with --lr-search: comma-separated seeds every arm trains with; an "
+                                         "arm's score is their median validation F1 (default: the first of --seeds)")
+    halving_eta: int = option(3, "with --lr-search: successive halving keeps the best 1/eta of a policy's rates at "
+                              "every rung (1: every rate trains the whole budget)", COUNT)
+    study_storage: Optional[str] = option(None, "with --lr-search: the Optuna journal file of the study (default: "
+                                          "OUTPUT_DIR/search/study.journal)")
+    workers: Optional[int] = option(None, "worker processes that train the comparison's runs side by side, each run in "
+                                    "a fresh process (default: one per --processes-per-run GPUs, else 1)", COUNT)
+    processes_per_run: int = option(1, "processes of each run: on GPUs each worker owns this many and runs each run "
+                                    "under `accelerate launch` on them; on CPU a gloo group", COUNT)
+    threads_per_run: Optional[int] = option(None, "CPU threads of each run's process (default: the cores shared out "
+                                            "among the workers)", COUNT)
+    status: Optional[str] = option(None, "print what the comparison in this OUTPUT_DIR is doing (runs done, running, "
+                                   "pending, failed; the study) and exit; any node may ask")
+    report_only: Optional[str] = option(None, "write the report of the comparison in this OUTPUT_DIR from its runs' "
+                                        "files and exit (e.g. when the last worker of an array was cancelled)")
+    # replaced by --policies; given anyway -> a clear error
+    freeze: Optional[str] = option(None, argparse.SUPPRESS)
+    layer_lr_decay: Optional[float] = option(None, argparse.SUPPRESS, Range(0, 1, low_open=True))
+    unfreeze_every: Optional[int] = option(None, argparse.SUPPRESS, NON_NEGATIVE)
+    unfreeze_to: Optional[str] = option(None, argparse.SUPPRESS)
+
+    def resolve_output_dir(self) -> Path:
+        if self.output_dir is None:
+            self.output_dir = f"runs/compare-{self.data.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return Path(self.output_dir)
+
+
+
+@dataclass
+class PredictConfig:
+    model: str = option(None, f"trained model: {LAYOUTS}", required=True)
+    input: str = option("-", "texts: .txt (one per line), .csv, .jsonl, .parquet, or '-' for one per line on stdin")
+    output: Optional[str] = option(None, "result file, .csv or .jsonl (default: JSON Lines on stdout)")
+    text_column: str = option("text", "text column of a .csv / .jsonl / .parquet input")
+    batch_size: int = option(32, "texts per forward pass", COUNT)
+    max_length: Optional[int] = option(None, "truncate to this many tokens (default: what the model was trained with)",
+                                       COUNT)
+    cpu: bool = option(False, "run on CPU even if a GPU is visible")
+
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -19,12 +19,11 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from ..core.config import LAYOUTS
 from ..core.errors import ToolkitError
 from ..data.dataset import get_preset
 from .checkpoint import PROGRESS, list_checkpoints
 from .model import load_model, load_tokenizer
-
-LAYOUTS = "a run folder, its model/ folder, or a checkpoints/step-N folder"
 
 
 @dataclass
