@@ -247,7 +247,8 @@ def test_installed_commands():
     bin/ and are run too (no skip there).
     """
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"bert-ft-train", "bert-ft-evaluate", "bert-ft-predict", "bert-ft-compare", "bert-ft-plot"}
+    assert set(scripts) == {"bert-ft-train", "bert-ft-evaluate", "bert-ft-predict", "bert-ft-compare", "bert-ft-plot",
+                            "bert-ft-bundle"}
     code = (
         "import contextlib, importlib, io, json, sys\n"
         f"scripts = {scripts!r}\n"
@@ -270,6 +271,7 @@ def test_installed_commands():
     assert "--freeze" in seen["bert-ft-train"][1] and "--report-to" in seen["bert-ft-train"][1]
     assert "--policies" in seen["bert-ft-compare"][1] and "RUN_DIR" in seen["bert-ft-plot"][1]
     assert "--input" in seen["bert-ft-predict"][1] and "--same-data" in seen["bert-ft-evaluate"][1]
+    assert "--skip-installed" in seen["bert-ft-bundle"][1] and "--python-version" in seen["bert-ft-bundle"][1]
     if os.environ.get("CI"):
         bin_dir = Path(sys.executable).parent
         for name in scripts:
