@@ -145,10 +145,18 @@ def test_gpu_check_and_a_training_run_work_from_the_bundle_on_the_node(bundle, n
                                                                         tmp_path):
     out, _ = bundle
     env = clean_env(PYTHON=str(node))
+    # two first calls at once, as the ranks of a job make them: one installs, the other waits for it
+    where = subprocess.Popen(["bash", str(out / "run.sh"), str(node), "-c",
+                              "import json, datasets, transformers, torch; "
+                              "print(json.dumps([m.__file__ for m in (datasets, transformers, torch)]))"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     check = subprocess.run(["bash", str(out / "run.sh"), str(node), "benchmarks/gpu_check.py"], env=env,
                            capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
+    where_out, where_err = where.communicate(timeout=TIMEOUT)
+    assert where.returncode == 0, where_err[-3000:]
     text = check.stdout + check.stderr
-    assert "[bundle] installed" in text, text[-3000:]
+    assert (text + where_err).count("[bundle] installed") == 1, (text + where_err)[-3000:]
+    assert not list(out.glob(".site.*"))  # no private install folder left behind
     assert (out / "site" / "deepspeed").is_dir() and (out / "site" / "toolkit").is_dir()
     assert f"bundle {out}" in text
     versions = [line for line in text.splitlines() if line.startswith("[gpu_check] versions")]
@@ -173,11 +181,7 @@ def test_gpu_check_and_a_training_run_work_from_the_bundle_on_the_node(bundle, n
                             log=lambda *a, **k: None)
     assert [label for _, label, _ in read_predictions(tmp_path / "run" / "predictions.csv")] == list(evals["labels"])
     # the node's own packages stay the node's; what the bundle carries comes from its site folder
-    where = subprocess.run(["bash", str(out / "run.sh"), str(node), "-c",
-                            "import json, datasets, transformers, torch; "
-                            "print(json.dumps([m.__file__ for m in (datasets, transformers, torch)]))"],
-                           env=env, capture_output=True, text=True, timeout=TIMEOUT, check=True)
-    ds_file, tf_file, torch_file = json.loads(where.stdout.strip().splitlines()[-1])
+    ds_file, tf_file, torch_file = json.loads(where_out.strip().splitlines()[-1])
     assert ds_file.startswith(str(out / "site"))
     assert tf_file.startswith(str(node.parent.parent)) and torch_file.startswith(str(node.parent.parent))
     assert not list((node.parent.parent / "lib").glob("python*/site-packages/datasets"))  # nothing installed there

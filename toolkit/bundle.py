@@ -312,13 +312,30 @@ if [ $# -eq 0 ]; then
   exit 2
 fi
 if [ ! -f "$HERE/site/.installed" ]; then
-  rm -rf "$HERE/site"
-  start=$(date +%s)
-  PIP_CONFIG_FILE=/dev/null "$PY" -m pip install --quiet --no-index --no-deps --no-cache-dir \\
-      --disable-pip-version-check --target "$HERE/site" "$HERE"/wheels/*.whl
-  touch "$HERE/site/.installed"
-  wheels=$(ls "$HERE"/wheels/*.whl | wc -l)
-  echo "[bundle] installed $wheels wheels into $HERE/site in $(( $(date +%s) - start )) s" >&2
+  # Several first calls at once (the ranks of a job, the nodes of an array on a shared folder) must not
+  # install over each other: one installs while the others on this node wait for its lock, and a finished
+  # install appears whole, by one rename of a private folder, so no call ever sees half of one.
+  exec 9>>"$HERE/.install.lock"
+  if command -v flock >/dev/null; then flock 9; fi
+  if [ ! -f "$HERE/site/.installed" ]; then
+    start=$(date +%s)
+    partial="$HERE/.site.${HOSTNAME:-node}.$$"
+    trap 'rm -rf "$partial"' EXIT  # a failed install leaves nothing behind
+    PIP_CONFIG_FILE=/dev/null "$PY" -m pip install --quiet --no-index --no-deps --no-cache-dir \\
+        --disable-pip-version-check --target "$partial" "$HERE"/wheels/*.whl
+    touch "$partial/.installed"
+    if [ -d "$HERE/site" ] && [ ! -f "$HERE/site/.installed" ]; then
+      rm -rf "$HERE/site"  # left by an install of an older run.sh that was killed
+    fi
+    if mv -T "$partial" "$HERE/site" 2>/dev/null; then
+      wheels=$(ls "$HERE"/wheels/*.whl | wc -l)
+      echo "[bundle] installed $wheels wheels into $HERE/site in $(( $(date +%s) - start )) s" >&2
+    else
+      rm -rf "$partial"  # another node's call finished first; its install is the same
+    fi
+    trap - EXIT
+  fi
+  exec 9>&-
 fi
 export PYTHONPATH="$HERE/site${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$HERE/site/bin:$PATH"
