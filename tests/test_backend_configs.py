@@ -343,7 +343,9 @@ trainable parameters (no decay for bias/LayerNorm), a linear schedule, all throu
 import faulthandler, json, os, sys, torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
-from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
+from transformers import BertConfig, BertForSequenceClassification
+
+from toolkit.engine.model import linear_schedule
 
 mixed_precision, result_file = sys.argv[1], sys.argv[2]
 faulthandler.enable()  # a native abort prints where each rank was
@@ -359,7 +361,7 @@ no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n
 named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW([{"params": [p for n, p in named if not no_decay(n)], "weight_decay": 0.01},
                                {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}], lr=1e-3)
-scheduler = get_linear_schedule_with_warmup(optimizer, 0, 4)
+scheduler = linear_schedule(optimizer, 0, 4)
 data = torch.utils.data.TensorDataset(torch.randint(0, 128, (64, 16)), torch.randint(0, 2, (64,)))
 loader = torch.utils.data.DataLoader(data, batch_size=8)
 model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)

@@ -18,7 +18,7 @@ from toolkit.compare import parse_policies
 from toolkit.core.config import TrainConfig
 from toolkit.core.errors import ToolkitError
 from toolkit.engine.flops import FlopModel
-from toolkit.engine.model import build_optimizer
+from toolkit.engine.model import build_optimizer, linear_schedule
 from toolkit.policy.policy import Policy
 from toolkit.train import main as train_main
 
@@ -115,7 +115,7 @@ def test_llrd_group_learning_rates_after_one_step(text):
     model, policy, lr, total = tiny_bert(), Policy.parse(text), 1e-3, 10
     policy.apply(model)
     optimizer = build_optimizer(model, lr, 0.01, policy)
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, total)
+    scheduler = linear_schedule(optimizer, 0, total)
     batch = {"input_ids": torch.tensor([[2, 5, 7, 3], [2, 9, 3, 0]]),
              "attention_mask": torch.tensor([[1] * 4, [1, 1, 1, 0]]),
              "labels": torch.tensor([1, 0])}
@@ -135,6 +135,34 @@ def test_llrd_group_learning_rates_after_one_step(text):
     if text.startswith("last2"):
         assert not any(n.startswith(("bert.embeddings.", "bert.encoder.layer.0.",
                                      "bert.encoder.layer.1.")) for n in seen)
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 4), (0, 1), (3, 10), (10, 10), (1, 0)])
+def test_the_linear_schedule_is_transformers_factor_for_factor(warmup, total):
+    """The toolkit's own linear schedule (no transformers.trainer_utils import) gives the exact lrs of
+    transformers' get_linear_schedule_with_warmup, over and past the run, and resumes from its state."""
+    def optimizer():
+        return torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 3e-4},
+                                {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3}])
+
+    def lrs(make, steps=12):
+        opt = optimizer()
+        scheduler = make(opt, warmup, total)
+        seen = []
+        for _ in range(steps):
+            seen.append([g["lr"] for g in opt.param_groups])
+            opt.step()
+            scheduler.step()
+        return seen, scheduler
+
+    ours, scheduler = lrs(linear_schedule)
+    assert ours == lrs(get_linear_schedule_with_warmup)[0]  # exact floats, not approx
+    assert ours[0] == ([0.0, 0.0] if warmup else [3e-4, 1e-3])
+    # a resumed run's schedule (its state from a checkpoint) goes on where the first one was
+    resumed = linear_schedule(optimizer(), warmup, total)
+    resumed.load_state_dict(scheduler.state_dict())
+    resumed.step(), scheduler.step()
+    assert resumed.get_last_lr() == scheduler.get_last_lr() and resumed.last_epoch == 13
 
 
 def test_gradual_stages_and_flop_count_follow_the_schedule():

@@ -144,11 +144,11 @@ def in_process_fit(tiny_bert, reviews, *, lr=1e-3, grad_accum=1, epochs=1, log_e
                    before_fit=lambda: None, **fit_kwargs):
     """The real fit() on one process, as train.main wires it; returns what it needs to inspect."""
     from accelerate import Accelerator
-    from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+    from transformers import AutoModelForSequenceClassification
 
     from toolkit.backends.preemption import StopRequest
     from toolkit.data.dataset import Collator, make_loader
-    from toolkit.engine.model import build_optimizer
+    from toolkit.engine.model import build_optimizer, linear_schedule
     from toolkit.output.console import RunLog
 
     tokenizer, train_tok, _ = reviews
@@ -159,7 +159,7 @@ def in_process_fit(tiny_bert, reviews, *, lr=1e-3, grad_accum=1, epochs=1, log_e
     optimizer = build_optimizer(model, lr, 0.01)
     loader = make_loader(train_tok, Collator(tokenizer, None), 4, 0, train=True)
     total = len(loader) // grad_accum * epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, total)
+    scheduler = linear_schedule(optimizer, 0, total)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     state = TrainState()
     before_fit()

@@ -13,7 +13,6 @@ import os
 
 import numpy as np
 from accelerate.utils import set_seed
-from transformers import get_linear_schedule_with_warmup
 
 from .backends.accelerator import prepare_backend, setup
 from .backends.cluster import detect
@@ -30,7 +29,7 @@ from .engine.frozen_cache import FrozenCache, run_loaders
 from .engine.loop import EvalResult, Evaluations, GradualThaw, TrainState, fit, optimizer_steps, validate
 from .engine.memory import reset_peak, run_memory
 from .engine.metrics import f1_average, training_metrics
-from .engine.model import build_optimizer, load_model, load_tokenizer, max_positions
+from .engine.model import build_optimizer, linear_schedule, load_model, load_tokenizer, max_positions
 from .output import curves, library_logs, trackers
 from .output.console import RunLog, plain
 from .output.run_dir import StartGuard, shared_output_dir, start_run_folder, write_predictions
@@ -105,7 +104,7 @@ def main(cfg: TrainConfig) -> int:
         total_steps = optimizer_steps(len(train_loader), accelerator.num_processes, cfg.grad_accum, cfg.epochs,
                                       cfg.max_steps)
         # Counted in optimizer steps: the loop steps the scheduler once per optimizer step itself.
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+        scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
         prepare_backend(accelerator, model, policy, cfg.batch_size, cfg.max_grad_norm, log=run_log.print,
                         example=None if cache is not None else lambda: first_example(train_ds, collator))
         # after the probe above, which runs on the host: compiling there would compile for the CPU first

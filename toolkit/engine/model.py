@@ -1,11 +1,13 @@
-"""Loading a pretrained encoder as a sequence classifier, and its optimizer."""
+"""Loading a pretrained encoder as a sequence classifier, its optimizer and its learning-rate schedule."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -92,3 +94,20 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
     """
     groups = (policy or Policy("none")).param_groups(model, lr, weight_decay)
     return torch.optim.AdamW(groups, lr=lr)
+
+
+def _linear_lr_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    if step < warmup_steps:
+        return float(step) / float(max(1, warmup_steps))
+    return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
+    """Linear warm-up to each group's lr, then linear decay to 0: transformers'
+    `get_linear_schedule_with_warmup`, factor for factor (tests/test_policy.py compares them).
+
+    Written here because importing it from transformers loads transformers.trainer_utils, which
+    imports peft, which imports Bloom's modeling code: about a second of start-up in every run.
+    """
+    return LambdaLR(optimizer, partial(_linear_lr_factor, warmup_steps=warmup_steps, total_steps=total_steps))
+
