@@ -57,6 +57,19 @@ TINY = ["--task", "imdb-subset", "--train-samples", "256", "--eval-samples", "10
         "--batch-size", "16", "--lr", "3e-4", "--seed", "0", "--log-every", "4"]
 
 
+# `python -c MODULES_AT_EXIT script.py ARGS` runs a launch script as `python script.py ARGS` does (same exit
+# status), then prints "exit CODE loaded [...]": which of the heavy libraries it imported.
+MODULES_AT_EXIT = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exc:
+    print("exit", exc.code, "loaded", sorted({"torch", "transformers", "datasets", "peft"} & set(sys.modules)))
+    raise
+"""
+
+
 def run_cmd(args: list[str], timeout: int = 900, env: dict | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -10,7 +10,7 @@ from typing import get_type_hints
 import pandas as pd
 import pytest
 import torch
-from conftest import python
+from conftest import MODULES_AT_EXIT, python
 
 from toolkit.cli import run
 from toolkit.compare import CompareConfig
@@ -355,16 +355,6 @@ def test_an_output_folder_the_workers_cannot_lock_is_refused_before_any_run(good
 
 
 LAUNCH_SCRIPTS = ["train", "evaluate", "predict", "compare", "prepare_data", "bundle"]
-# Run as a program, then report what it loaded: the status it exited with and whether torch / transformers
-# were imported by then.
-LOADED = """
-import runpy, sys
-sys.argv = sys.argv[1:]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-except SystemExit as exc:
-    print("exit", exc.code, "loaded", sorted({"torch", "transformers", "datasets"} & set(sys.modules)))
-"""
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--no-such-option"], ["--max-length", "0"]],
@@ -374,7 +364,7 @@ def test_help_and_a_bad_option_answer_before_torch_loads(args, tmp_path):
     10-20 s to import on a small CPU) loads only after its options parse."""
     for script in LAUNCH_SCRIPTS:
         argv = ["--python-version", "three"] if script == "bundle" and args[0] == "--max-length" else args
-        proc = python("-c", LOADED, f"launch/{script}.py", *argv, "--output-dir", str(tmp_path / script),
+        proc = python("-c", MODULES_AT_EXIT, f"launch/{script}.py", *argv, "--output-dir", str(tmp_path / script),
                       check=False)
         code = 0 if args == ["--help"] else 2
         assert f"exit {code} loaded []" in proc.stdout, (script, proc.stdout[-500:], proc.stderr[-2000:])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import accelerate_launch, python, read_json, read_predictions
+from conftest import MODULES_AT_EXIT, accelerate_launch, python, read_json, read_predictions
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, pipeline
 
@@ -120,24 +120,13 @@ def test_saved_model_loads_in_pipeline(run_2proc, eval_texts):
     assert [names[g["label"]] for g in got] == [r[2] for r in rows[:12]]
 
 
-# Runs a launch script as `python script ...` does, then says whether peft was imported.
-PEFT_AT_EXIT = """
-import runpy, sys
-sys.argv = sys.argv[1:]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-finally:
-    print("peft imported:", "peft" in sys.modules)
-"""
-
-
 def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, minilm, data_dir):
     args = ["launch/train.py", "--model", minilm, "--data-dir", data_dir, "--task", "imdb-subset",
             "--train-samples", "96", "--eval-samples", "40", "--max-length", "48", "--batch-size", "8",
             "--lr", "3e-4", "--seed", "3", "--freeze", "last2", "--epochs", "2", "--log-every", "100", "--cpu"]
-    straight = python("-c", PEFT_AT_EXIT, *args, "--output-dir", str(tmp_path / "straight"))
+    straight = python("-c", MODULES_AT_EXIT, *args, "--output-dir", str(tmp_path / "straight"))
     # a run without LoRA never loads peft (transformers' schedule module would: a second of every start-up)
-    assert "peft imported: False" in straight.stdout, straight.stdout[-500:]
+    assert "exit 0 loaded ['datasets', 'torch', 'transformers']" in straight.stdout, straight.stdout[-500:]
 
     stop = tmp_path / "STOP"
     stop.touch()  # present from the start: the run checkpoints after its first step and exits 75

@@ -110,4 +110,3 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     imports peft, which imports Bloom's modeling code: about a second of start-up in every run.
     """
     return LambdaLR(optimizer, partial(_linear_lr_factor, warmup_steps=warmup_steps, total_steps=total_steps))
-
